@@ -1,0 +1,11 @@
+"""Library of the training job.
+
+Importing this package selects Keras 2 (`tf_keras`) for TensorFlow: tensorflow-model-optimization
+supports only Keras 2, so the variable must be set before TensorFlow is first imported. This is the
+one place that sets it.
+"""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,60 @@
+"""The record schema shared by every producer and reader of shards (DESIGN §2.1).
+
+One `tf.train.Example` per image:
+  image    bytes, 1 value: raw uint8 pixels H×W×3 row-major, or JPEG/PNG bytes
+  metadata int64 list, 28: multi-hot, 18 age bins + 8 sites + sex_female, sex_male
+  label    int64 list, 8: one-hot in CLASS_NAMES order
+This module has no TensorFlow import so tools and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+CLASS_NAMES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+AGE_BINS: tuple[int, ...] = tuple(range(0, 90, 5))  # 0, 5, …, 85: 18 bins
+SITES: tuple[str, ...] = (
+    "anterior torso",
+    "head/neck",
+    "lateral torso",
+    "lower extremity",
+    "oral/genital",
+    "palms/soles",
+    "posterior torso",
+    "upper extremity",
+)
+SEXES: tuple[str, ...] = ("female", "male")
+METADATA_NAMES: tuple[str, ...] = (
+    tuple(f"age_{a}" for a in AGE_BINS) + tuple(f"site_{s}" for s in SITES) + tuple(f"sex_{s}" for s in SEXES)
+)
+NUM_CLASSES = len(CLASS_NAMES)
+METADATA_SIZE = len(METADATA_NAMES)  # 28
+DEFAULT_IMAGE_SIZE = 256
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def encode_metadata(age: float | None, site: str | None, sex: str | None) -> list[int]:
+    """Multi-hot vector of length 28; a missing (None/empty/NaN) value is all zeros in its group.
+
+    Raises ValueError for an age outside 0–85 that is not a multiple of 5, or an unknown site/sex.
+    """
+    vec = [0] * METADATA_SIZE
+    if age is not None and not (isinstance(age, float) and math.isnan(age)):
+        if age not in AGE_BINS:
+            raise ValueError(f"age {age!r} is not one of the bins {AGE_BINS[0]}..{AGE_BINS[-1]} step 5")
+        vec[AGE_BINS.index(int(age))] = 1
+    if site:
+        if site not in SITES:
+            raise ValueError(f"unknown anatomical site {site!r}; expected one of {', '.join(SITES)}")
+        vec[len(AGE_BINS) + SITES.index(site)] = 1
+    if sex:
+        if sex not in SEXES:
+            raise ValueError(f"unknown sex {sex!r}; expected one of {', '.join(SEXES)}")
+        vec[len(AGE_BINS) + len(SITES) + SEXES.index(sex)] = 1
+    return vec
+
+
+def one_hot(class_index: int) -> list[int]:
+    vec = [0] * NUM_CLASSES
+    vec[class_index] = 1
+    return vec
