@@ -1,0 +1,495 @@
+"""Reading side of the versioned data: manifest, shard cache, record parsing, tf.data pipeline.
+
+Library module (no command line). Typical use, as in `training.run`:
+
+    manifest = load_manifest("Versioning/versioned_paths.pickle")
+    shards = fetch_shards(manifest, ".cache/shards")            # local paths, sha256-checked
+    data = build_datasets(shards, image_size=64, global_batch_size=32, seed=42)
+    model.fit(data.train, validation_data=data.val, class_weight=data.class_weights)
+
+Tests: `.venv/bin/python -m pytest tests/test_data.py -q`.
+
+Batches are `({"image": float32[B,S,S,3] in 0..255, "metadata": float32[B,28]}, float32[B,8] one-hot)`.
+Pixels are NOT normalized here: DenseNet preprocessing lives inside the model, so an exported model
+takes raw pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from utilities import storage
+from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
+
+_CHUNK = 1 << 20  # bytes per read when hashing
+_SHA256_HEX = frozenset("0123456789abcdef")
+# The only globals a manifest may reference: a `created` timestamp pickled as a datetime.
+_ALLOWED_GLOBALS = frozenset(
+    {("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"), ("datetime", "timezone")}
+)
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "metadata": tf.io.FixedLenFeature([METADATA_SIZE], tf.int64),
+    "label": tf.io.FixedLenFeature([NUM_CLASSES], tf.int64),
+}
+_LABEL_ONLY = {"label": _FEATURES["label"]}
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(ValueError):
+    """Bad manifest, shard or data argument; the message is one line naming the file."""
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str  # where it was loaded from
+    splits: dict[str, tuple[str, ...]]  # "train" | "val" | "test" → shard URIs
+    schema: dict[str, Any] | None  # class_names, metadata_names, image_shape (new manifests only)
+    counts: dict[str, Any] | None  # per split per class, and skipped_unk (new manifests only)
+    sha256: dict[str, str]  # shard URI → hex digest; empty for the original three-key form
+    raw: dict[str, Any]  # everything that was in the pickle
+
+
+class _ManifestUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and scalars only: a manifest must never be able to run code."""
+
+    def __init__(self, file: Any, name: str) -> None:
+        super().__init__(file)
+        self._name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(
+            f"manifest {self._name} tries to unpickle {module}.{name}; only plain containers and scalars are allowed"
+        )
+
+
+def _unpickle(data: bytes, name: str) -> Any:
+    try:
+        return _ManifestUnpickler(io.BytesIO(data), name).load()
+    except DataError:
+        raise
+    except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, ValueError, …
+        raise DataError(f"manifest {name} is not a valid pickle: {_one_line(err)}") from None
+
+
+def _check_splits(raw: Any, name: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict):
+        raise DataError(f"manifest {name} holds a {type(raw).__name__}; expected a dict with keys train, val, test")
+    missing = [s for s in SPLITS if s not in raw]
+    if missing:
+        raise DataError(f"manifest {name} has no {', '.join(missing)} key(s); expected train, val and test shard lists")
+    splits = {}
+    for split in SPLITS:
+        uris = raw[split]
+        if not isinstance(uris, list | tuple):
+            raise DataError(f"manifest {name}: {split} is a {type(uris).__name__}, expected a list of shard URIs")
+        for i, uri in enumerate(uris):
+            if not isinstance(uri, str) or not uri:
+                raise DataError(f"manifest {name}: {split}[{i}] is {uri!r}, expected a shard URI string")
+        splits[split] = tuple(uris)
+    if not splits["train"]:
+        raise DataError(f"manifest {name} lists no train shards")
+    return splits
+
+
+def _check_sha256(raw: dict[str, Any], name: str) -> dict[str, str]:
+    sha = raw.get("sha256") or {}
+    if not isinstance(sha, dict):
+        raise DataError(f"manifest {name}: sha256 is a {type(sha).__name__}, expected a dict of shard URI → hex digest")
+    for uri, digest in sha.items():
+        if not (isinstance(uri, str) and isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+            raise DataError(f"manifest {name}: sha256 entry {uri!r} is not a 64-digit lowercase hex digest")
+    return dict(sha)
+
+
+def _check_schema(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
+    schema = raw.get("schema")
+    if schema is None:
+        return None
+    if not isinstance(schema, dict):
+        raise DataError(f"manifest {name}: schema is a {type(schema).__name__}, expected a dict")
+    classes = schema.get("class_names")
+    if classes is not None and (not isinstance(classes, list | tuple) or tuple(classes) != CLASS_NAMES):
+        shown = ",".join(map(str, classes)) if isinstance(classes, list | tuple) else repr(classes)
+        raise DataError(f"manifest {name} has classes {shown}; this job expects {','.join(CLASS_NAMES)}")
+    metadata = schema.get("metadata_names")
+    if metadata is not None and (not isinstance(metadata, list | tuple) or len(metadata) != METADATA_SIZE):
+        raise DataError(f"manifest {name}: schema metadata_names {metadata!r} is not a list of {METADATA_SIZE} names")
+    return schema
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load and validate `versioned_paths.pickle` (local path or gs:// URI); accepts the original three-key form."""
+    name = str(path)
+    try:
+        data = storage.read_bytes(name) if storage.is_gcs(name) else Path(name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(
+            f"manifest {name} not found; fetch it with `sh dvc_pull.sh -t TAG` (or pass --manifest PATH)"
+        ) from None
+    except (OSError, storage.StorageError) as err:
+        raise DataError(f"cannot read manifest {name}: {_one_line(err)}") from None
+    raw = _unpickle(data, name)
+    splits = _check_splits(raw, name)
+    counts = raw.get("counts")
+    if counts is not None and not isinstance(counts, dict):
+        raise DataError(f"manifest {name}: counts is a {type(counts).__name__}, expected a dict")
+    return Manifest(name, splits, _check_schema(raw, name), counts, _check_sha256(raw, name), raw)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- shard cache
+
+
+def _verify_digest(path: Path, expected: str | None, uri: str) -> None:
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DataError(
+            f"shard {uri} fails its checksum: manifest says sha256 {expected[:12]}…, file has {actual[:12]}…"
+        )
+
+
+def _fetch_remote(uri: str, expected: str | None, cache: Path) -> Path:
+    """Download `uri` into the cache; a copy named by its sha256 is reused when it still matches."""
+    if expected is None:
+        # Without a checksum a cached copy cannot be told from a changed object: always download.
+        target = cache / f"uri-{hashlib.sha256(uri.encode()).hexdigest()[:32]}.tfrecords"
+    else:
+        target = cache / f"{expected}.tfrecords"
+        if target.is_file() and file_sha256(target) == expected:
+            return target
+    try:
+        storage.download_file(uri, target)  # atomic: temp file + rename
+    except storage.StorageError as err:
+        raise DataError(f"cannot fetch shard {uri}: {_one_line(err)}") from None
+    try:
+        _verify_digest(target, expected, uri)
+    except DataError:
+        target.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _fetch_local(uri: str, expected: str | None, split: str) -> Path:
+    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    if not path.is_file():
+        raise DataError(f"shard {uri} listed for {split} does not exist")
+    _verify_digest(path, expected, uri)  # ~1 s per GB; catches shards changed after the manifest
+    return path
+
+
+def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[str]]:
+    """Local paths of every split's shards; gs:// shards are downloaded into `cache_dir`, all checked by sha256."""
+    cache = Path(cache_dir)
+    local: dict[str, list[str]] = {}
+    for split, uris in manifest.splits.items():
+        local[split] = []
+        for uri in uris:
+            expected = manifest.sha256.get(uri)
+            if storage.is_gcs(uri):
+                cache.mkdir(parents=True, exist_ok=True)
+                path = _fetch_remote(uri, expected, cache)
+            else:
+                path = _fetch_local(uri, expected, split)
+            local[split].append(str(path))
+    return local
+
+
+def _check_record(data: bytes, path: str | Path, index: int) -> None:
+    where = f"shard {path} record {index}"
+    try:
+        features = tf.train.Example.FromString(data).features.feature
+    except Exception as err:
+        raise DataError(f"{where} is not a tf.train.Example: {_one_line(err)}") from None
+    if len(features["image"].bytes_list.value) != 1:
+        raise DataError(f"{where}: feature image must hold exactly one bytes value")
+    for key, size in (("metadata", METADATA_SIZE), ("label", NUM_CLASSES)):
+        if len(features[key].int64_list.value) != size:
+            raise DataError(f"{where}: feature {key} must hold {size} int64 values")
+
+
+def verify_shard(path: str | Path) -> int:
+    """Read every record (length and data CRCs, Example structure); return the count. Bad → DataError naming the record."""
+    if not Path(path).is_file():
+        raise DataError(f"shard {path} does not exist")
+    count = 0
+    try:
+        for record in tf.data.TFRecordDataset(str(path)):
+            _check_record(record.numpy(), path, count)
+            count += 1
+    except tf.errors.OpError as err:  # DataLossError: truncated file or CRC mismatch
+        raise DataError(f"shard {path} is corrupt or truncated at record {count}: {_one_line(err.message)}") from None
+    return count
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _has_prefix(data: tf.Tensor, prefix: bytes) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
+
+
+def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Bytes → float32 [image_size, image_size, 3] in 0..255.
+
+    Accepts raw uint8 RGB of any square side (side = sqrt(len / 3)) or JPEG/PNG (by magic number).
+    A raw array whose first pixel happens to look like a JPEG header is told apart by its length and
+    the JPEG end marker.
+    """
+    length = tf.strings.length(data)
+    side = tf.cast(tf.round(tf.sqrt(tf.cast(length // 3, tf.float64))), tf.int32)
+    raw_ok = tf.equal(side * side * 3, length)
+    tail = tf.strings.substr(data, tf.maximum(length - 2, 0), 2)
+    jpeg = _has_prefix(data, _JPEG_MAGIC) & (tf.logical_not(raw_ok) | tf.equal(tail, _JPEG_END))
+    encoded = jpeg | _has_prefix(data, _PNG_MAGIC)
+
+    def raw() -> tf.Tensor:
+        check = tf.debugging.assert_equal(
+            raw_ok, True, message="image bytes are neither JPEG/PNG nor square raw uint8 RGB"
+        )
+        with tf.control_dependencies([check]):
+            return tf.reshape(tf.io.decode_raw(data, tf.uint8), [side, side, 3])
+
+    def decoded() -> tf.Tensor:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+    pixels = tf.cond(encoded, decoded, raw)  # uint8 [h, w, 3]
+    same = tf.reduce_all(tf.equal(tf.shape(pixels)[:2], image_size))
+    image = tf.cond(
+        same,
+        lambda: tf.cast(pixels, tf.float32),
+        lambda: tf.image.resize(pixels, [image_size, image_size], method="bilinear", antialias=True),
+    )
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def parse_example(serialized: tf.Tensor, image_size: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """One serialized Example → ({"image": float32[S,S,3] 0..255, "metadata": float32[28]}, float32[8] one-hot)."""
+    parsed = tf.io.parse_single_example(serialized, _FEATURES)
+    features = {"image": decode_image(parsed["image"], image_size), "metadata": tf.cast(parsed["metadata"], tf.float32)}
+    return features, tf.cast(parsed["label"], tf.float32)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random geometric changes of training images; lesions have no canonical orientation."""
+
+    flip: bool = True  # horizontal and vertical, each with p = 0.5
+    rotation: float = 0.1  # max |angle| as a fraction of a full turn (0.1 → ±36°)
+    shift: float = 0.1  # max |translation| as a fraction of the side
+    zoom: float = 0.1  # max relative change of scale (0.1 → 0.9×..1.1×)
+
+
+def _affine(batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, aug: Augmentation, seeds: tf.Tensor) -> tf.Tensor:
+    """Per-image transforms [B, 8] mapping output pixel → input pixel (ImageProjectiveTransformV3 convention)."""
+    angle = tf.random.stateless_uniform([batch], seeds[0], -aug.rotation * 2 * math.pi, aug.rotation * 2 * math.pi)
+    scale = tf.random.stateless_uniform([batch], seeds[1], 1 - aug.zoom, 1 + aug.zoom)  # > 1 zooms in
+    tx = tf.random.stateless_uniform([batch], seeds[2], -aug.shift, aug.shift) * width
+    ty = tf.random.stateless_uniform([batch], seeds[3], -aug.shift, aug.shift) * height
+    cx, cy = (width - 1) / 2, (height - 1) / 2  # rotate and zoom about the image centre
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    zero = tf.zeros_like(angle)
+    return tf.stack(
+        [cos, -sin, cx - cos * cx + sin * cy - tx, sin, cos, cy - sin * cx - cos * cy - ty, zero, zero], axis=1
+    )
+
+
+def augment_images(images: tf.Tensor, seed: tf.Tensor, aug: Augmentation = Augmentation()) -> tf.Tensor:
+    """float32 [B,H,W,3] → same shape, randomly flipped/rotated/shifted/zoomed; `seed` int [2] (stateless ops)."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+    shape = tf.shape(images)
+    batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    if aug.flip:
+        left_right = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < 0.5
+        up_down = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[5]) < 0.5
+        images = tf.where(left_right, tf.reverse(images, [2]), images)
+        images = tf.where(up_down, tf.reverse(images, [1]), images)
+    if aug.rotation or aug.shift or aug.zoom:
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=_affine(batch, height, width, aug, seeds),
+            output_shape=shape[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",  # no black corners: the skin continues
+        )
+    return images
+
+
+def make_augmenter(aug: Augmentation = Augmentation()) -> Callable[..., tuple[dict[str, tf.Tensor], tf.Tensor]]:
+    """A map function for `zip(batches, seeds)`: ((features, labels), seed[2]) → (features, labels), image augmented."""
+
+    def augment_batch(
+        batch: tuple[dict[str, tf.Tensor], tf.Tensor], seed: tf.Tensor
+    ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        features, labels = batch
+        return {**features, "image": augment_images(features["image"], seed, aug)}, labels
+
+    return augment_batch
+
+
+def augment_dataset(batches: tf.data.Dataset, seed: int, aug: Augmentation = Augmentation()) -> tf.data.Dataset:
+    """Augment a dataset of batches; reproducible for a seed, different in every epoch."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)  # int64 [2] per batch
+    return tf.data.Dataset.zip((batches, seeds)).map(make_augmenter(aug), num_parallel_calls=AUTOTUNE)
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: tf.data.Dataset  # shuffled (new order every epoch), augmented; last batch may be partial
+    val: tf.data.Dataset  # file order, not augmented
+    test: tf.data.Dataset  # file order, not augmented
+    class_weights: dict[int, float]  # balanced, from the train split only
+    counts: dict[str, int]  # examples per split
+    class_counts: dict[str, tuple[int, ...]]  # examples per split per class, CLASS_NAMES order
+    steps_per_epoch: dict[str, int]  # batches per split, ceil(count / global_batch_size)
+
+
+def count_labels(paths: list[str]) -> np.ndarray:
+    """Examples per class in these shards, int64 [8]; reads only the label feature."""
+    if not paths:
+        return np.zeros(NUM_CLASSES, np.int64)
+    labels = tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), 8)).batch(1024)
+    labels = labels.map(lambda s: tf.io.parse_example(s, _LABEL_ONLY)["label"], num_parallel_calls=AUTOTUNE)
+    total = np.zeros(NUM_CLASSES, np.int64)
+    try:
+        for batch in labels:
+            total += batch.numpy().sum(axis=0)
+    except tf.errors.OpError as err:
+        for path in paths:  # name the bad shard when one is corrupt
+            verify_shard(path)
+        raise DataError(
+            f"cannot read labels from {len(paths)} shard(s) starting with {paths[0]}: {_one_line(err.message)}"
+        ) from None
+    return total
+
+
+def class_weights_from_counts(counts: Iterable[int]) -> dict[int, float]:
+    """Balanced weights n_total / (n_classes * n_c); every class must be present."""
+    counts = [int(c) for c in counts]
+    for index, count in enumerate(counts):
+        if count == 0:
+            raise DataError(
+                f"class {CLASS_NAMES[index]} has no training examples; class weights need every class in train"
+            )
+    total = sum(counts)
+    return {i: total / (len(counts) * c) for i, c in enumerate(counts)}
+
+
+def _with_sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    # Under MultiWorkerMirroredStrategy, FILE sharding would give workers different numbers of batches
+    # when shards are few or uneven (and the job would hang); DATA sharding is correct because every
+    # worker builds the identical, identically seeded pipeline.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _train_dataset(
+    paths: list[str], image_size: int, batch: int, seed: int, augment: bool, buffer: int
+) -> tf.data.Dataset:
+    files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    records = files.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+    # Shuffle serialized records (before decoding: cheaper to hold), then decode in parallel. Not
+    # repeated: Keras iterates it once per epoch and reshuffle_each_iteration gives a new order each time.
+    records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    parsed = records.map(lambda s: parse_example(s, image_size), num_parallel_calls=AUTOTUNE)
+    # drop_remainder=False: every example is seen each epoch; Keras and tf.distribute handle a short
+    # last batch (it is split unevenly across replicas).
+    batches = parsed.batch(batch, drop_remainder=False)
+    if augment:
+        batches = augment_dataset(batches, seed)
+    return _with_sharding_options(batches.prefetch(AUTOTUNE))
+
+
+def _eval_dataset(paths: list[str], image_size: int, batch: int) -> tf.data.Dataset:
+    # Sequential: file order = manifest order, stable. (An empty list needs an explicit string dtype.)
+    records = tf.data.TFRecordDataset(tf.constant(paths, tf.string, shape=[len(paths)]))
+    parsed = records.map(lambda s: parse_example(s, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return _with_sharding_options(parsed.batch(batch, drop_remainder=False).prefetch(AUTOTUNE))
+
+
+def _check_build_arguments(
+    shards: Mapping[str, list[str]], image_size: int, global_batch_size: int, shuffle_buffer: int
+) -> None:
+    missing = [s for s in SPLITS if s not in shards]
+    if missing:
+        raise DataError(f"shards have no {', '.join(missing)} split(s)")
+    if not shards["train"]:
+        raise DataError("there are no train shards")
+    if image_size < 1 or global_batch_size < 1 or shuffle_buffer < 1:
+        raise DataError("image_size, global_batch_size and shuffle_buffer must be at least 1")
+
+
+def build_datasets(
+    shards: Mapping[str, list[str]],
+    image_size: int,
+    global_batch_size: int,
+    seed: int,
+    augment: bool = True,
+    shuffle_buffer: int = 2048,
+) -> Datasets:
+    """Train/val/test pipelines from local shard paths (see `fetch_shards`), plus counts and class weights.
+
+    Reads every shard's labels once (labels only) to count examples; touches nothing else.
+    """
+    _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
+    class_counts = {split: tuple(int(c) for c in count_labels(list(shards[split]))) for split in SPLITS}
+    counts = {split: sum(c) for split, c in class_counts.items()}
+    return Datasets(
+        train=_train_dataset(list(shards["train"]), image_size, global_batch_size, seed, augment, shuffle_buffer),
+        val=_eval_dataset(list(shards["val"]), image_size, global_batch_size),
+        test=_eval_dataset(list(shards["test"]), image_size, global_batch_size),
+        class_weights=class_weights_from_counts(class_counts["train"]),
+        counts=counts,
+        class_counts=class_counts,
+        steps_per_epoch={split: math.ceil(n / global_batch_size) for split, n in counts.items()},
+    )
+
+
+def labels_of(dataset: tf.data.Dataset) -> np.ndarray:
+    """Class ids (int64) of a dataset of (features, one-hot labels), batched or not, in dataset order."""
+    labels_only = dataset.map(lambda features, labels: labels)
+    ids = [np.argmax(np.reshape(labels.numpy(), (-1, NUM_CLASSES)), axis=1) for labels in labels_only]
+    return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
