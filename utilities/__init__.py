@@ -1,7 +1,8 @@
 """Library of the training job.
 
 Importing this package selects Keras 2 (`tf_keras`) for TensorFlow: tensorflow-model-optimization
-supports only Keras 2, so the variable must be set before TensorFlow is first imported. This is the
+supports only Keras 2, so the variable must be set before `tf.keras` is first used (TensorFlow reads
+it lazily, on first access). Every module of ours imports from this package first. This is the
 one place that sets it.
 """
 

@@ -39,7 +39,10 @@ class DataConfig:
     cache_features: str = "auto"  # frozen-backbone feature cache: auto | on | off
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= MIN_IMAGE_SIZE, f"--image-size {self.image_size} is below DenseNet121's minimum of {MIN_IMAGE_SIZE}")
+        _check(
+            self.image_size >= MIN_IMAGE_SIZE,
+            f"--image-size {self.image_size} is below DenseNet121's minimum of {MIN_IMAGE_SIZE}",
+        )
         _check(self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1")
         _check(self.cache_features in ("auto", "on", "off"), "--cache-features must be auto, on or off")
 
@@ -73,7 +76,9 @@ class TrainConfig:
         _check(self.learning_rate > 0, "--learning-rate must be positive")
         _check(self.patience >= 0, "--patience must be >= 0")
         _check(self.gpus >= 1, "--gpus must be at least 1")
-        _check(self.batch_size % self.gpus == 0, f"--batch-size {self.batch_size} is not divisible by --gpus {self.gpus}")
+        _check(
+            self.batch_size % self.gpus == 0, f"--batch-size {self.batch_size} is not divisible by --gpus {self.gpus}"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,10 +114,17 @@ class OutputConfig:
     checkpoint_dir: str | None = None  # Vertex AIP_CHECKPOINT_DIR; default: inside the run folder
     tensorboard_dir: str | None = None  # Vertex AIP_TENSORBOARD_LOG_DIR
     hp_metric_file: str | None = None  # CLOUD_ML_HP_METRIC_FILE for hypertune
+    staging_dir: str = ".cache/runs"  # local copy of a gs:// run before upload (resume reads it)
 
     def __post_init__(self) -> None:
-        _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name)), f"--model-name {self.model_name!r} may use only letters, digits, '.', '_' and '-'")
-        _check(self.run_id == "" or bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id)), f"--run-id {self.run_id!r} may use only letters, digits, '.', '_' and '-'")
+        _check(
+            bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name)),
+            f"--model-name {self.model_name!r} may use only letters, digits, '.', '_' and '-'",
+        )
+        _check(
+            self.run_id == "" or bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id)),
+            f"--run-id {self.run_id!r} may use only letters, digits, '.', '_' and '-'",
+        )
 
     @property
     def run_uri(self) -> str:

@@ -1,0 +1,247 @@
+"""Train the DermAID model on a versioned dataset: flags + environment → Config → training.run.
+
+    sh dvc_pull.sh -t dataset_v02
+    python cli.py -b 32 -e 10 -g 2 -x --manifest Versioning/versioned_paths.pickle --output gs://BUCKET/models
+
+This is the only module that reads the environment. `--help` does not import TensorFlow.
+Exit codes: 0 success, 2 usage or input error (one line on stderr), 1 failure during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from utilities.config import (
+    QUANTIZE_MODES,
+    ClusterConfig,
+    CompressionConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OutputConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+log = logging.getLogger("dermaid")
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def str_to_bool(text: str) -> bool:
+    """`-x False` must mean off (the original's `type=bool` made every string True)."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cli.py",
+        description="Train the image + metadata skin-lesion classifier on a versioned dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("Data")
+    data.add_argument(
+        "--manifest",
+        default="Versioning/versioned_paths.pickle",
+        help="pickle of shard URIs per split (from dvc_pull.sh)",
+    )
+    data.add_argument("--data-tag", default=None, help="registry tag of the manifest, for lineage (default: $DVC_TAG)")
+    data.add_argument("--image-size", type=int, default=256, help="square model input side in pixels (>= 32)")
+    data.add_argument("--cache-dir", default=".cache/shards", help="local cache of remote shards")
+    data.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
+    )
+    data.add_argument("--shuffle-buffer", type=int, default=2048, help="examples in the shuffle buffer")
+
+    model = parser.add_argument_group("Model")
+    model.add_argument("-f", "--fcnn-nodes", type=int, default=1024, help="width of the metadata dense layer")
+    model.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a weights file path")
+    model.add_argument(
+        "--fine-tune", action="store_true", help="train the backbone too (default: frozen, as the original teacher)"
+    )
+    model.add_argument("--dropout", type=float, default=0.3, help="dropout before each class head")
+
+    train = parser.add_argument_group("Training")
+    train.add_argument("-b", "--batch-size", type=int, default=64, help="global batch size, split across replicas")
+    train.add_argument("-e", "--epochs", type=int, default=10, help="epochs")
+    train.add_argument("-l", "--learning-rate", type=float, default=1e-4, help="Adam learning rate")
+    train.add_argument("--patience", type=int, default=3, help="early stopping on val balanced accuracy; 0 disables")
+    train.add_argument("--seed", type=int, default=42, help="seed for shuffling, augmentation and initialisation")
+    train.add_argument(
+        "-g", "--gpus", type=int, default=1, help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
+    )
+    train.add_argument("--mixed-precision", action="store_true", help="mixed_float16 compute, float32 outputs")
+    train.add_argument("--jit", action="store_true", help="XLA-compile the training step")
+
+    comp = parser.add_argument_group("Compression")
+    comp.add_argument("-p", "--prune", action="store_true", help="magnitude pruning fine-tune of the trained model")
+    comp.add_argument("--target-sparsity", type=float, default=0.5, help="final sparsity of pruned layers")
+    comp.add_argument("--prune-epochs", type=int, default=2, help="fine-tuning epochs under the pruning schedule")
+    comp.add_argument("-d", "--distill", action="store_true", help="train a small student from the trained model")
+    comp.add_argument(
+        "--teacher", default=None, help="saved teacher model to distill from (default: the model just trained)"
+    )
+    comp.add_argument("--temperature", type=float, default=4.0, help="distillation temperature on logits")
+    comp.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss (1-alpha on the teacher)")
+    comp.add_argument("--student-epochs", type=int, default=0, help="student epochs (0: same as --epochs)")
+    comp.add_argument("--student-filters", type=int, default=32, help="width of the student's conv branch")
+    comp.add_argument(
+        "-q", "--quantize", action="append", choices=QUANTIZE_MODES, default=[], help="TFLite export; repeatable"
+    )
+
+    out = parser.add_argument_group("Output and tracking")
+    out.add_argument(
+        "--output",
+        default=None,
+        help="bucket URI (gs://…) or local folder (default: gs://$GCS_BUCKET_NAME/models or ./outputs)",
+    )
+    out.add_argument("-n", "--model-name", default="base_model", help="run / model name")
+    out.add_argument(
+        "--run-id",
+        default=None,
+        help="run folder name; reuse one to resume an interrupted run (default: new time-stamped id)",
+    )
+    out.add_argument(
+        "-x",
+        "--tracking",
+        nargs="?",
+        const=True,
+        default=False,
+        type=str_to_bool,
+        help="W&B tracking; -x, -x True or -x False",
+    )
+    out.add_argument("--no-tracking", dest="tracking", action="store_false", help="no W&B tracking")
+    out.add_argument("--wandb-project", default="dermaid", help="W&B project")
+    out.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def tf_config_from_env(env: Mapping[str, str]) -> str | None:
+    """TF_CONFIG as given, or Vertex AI's CLUSTER_SPEC translated to the same shape."""
+    if env.get("TF_CONFIG"):
+        return env["TF_CONFIG"]
+    if not env.get("CLUSTER_SPEC"):
+        return None
+    spec = json.loads(env["CLUSTER_SPEC"])
+    cluster = {
+        k: v for k, v in spec.get("cluster", {}).items() if k in ("chief", "worker", "workerpool0", "workerpool1")
+    }
+    cluster = {{"workerpool0": "chief", "workerpool1": "worker"}.get(k, k): v for k, v in cluster.items()}
+    task = spec.get("task", {})
+    task_type = {"workerpool0": "chief", "workerpool1": "worker"}.get(task.get("type"), task.get("type"))
+    if sum(len(v) for v in cluster.values()) <= 1:
+        return None  # one machine: no multi-worker strategy needed
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": task.get("index", 0)}})
+
+
+def tracking_mode(env: Mapping[str, str]) -> str:
+    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return env["WANDB_MODE"]
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    bucket = env.get("GCS_BUCKET_NAME")
+    output = args.output or (f"gs://{bucket}/models" if bucket else "outputs")
+    return Config(
+        data=DataConfig(
+            manifest=args.manifest,
+            data_tag=args.data_tag or env.get("DVC_TAG"),
+            cache_dir=args.cache_dir,
+            image_size=args.image_size,
+            augment=args.augment,
+            shuffle_buffer=args.shuffle_buffer,
+        ),
+        model=ModelConfig(
+            weights=args.weights, fine_tune=args.fine_tune, fcnn_nodes=args.fcnn_nodes, dropout=args.dropout
+        ),
+        train=TrainConfig(
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            patience=args.patience,
+            seed=args.seed,
+            gpus=args.gpus,
+            mixed_precision=args.mixed_precision,
+            jit=args.jit,
+        ),
+        compression=CompressionConfig(
+            prune=args.prune,
+            target_sparsity=args.target_sparsity,
+            prune_epochs=args.prune_epochs,
+            distill=args.distill,
+            teacher=args.teacher,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            student_epochs=args.student_epochs,
+            student_filters=args.student_filters,
+            quantize=tuple(dict.fromkeys(args.quantize)),
+        ),
+        output=OutputConfig(
+            output=output,
+            model_name=args.model_name,
+            run_id=args.run_id or new_run_id(),
+            model_dir=env.get("AIP_MODEL_DIR"),
+            checkpoint_dir=env.get("AIP_CHECKPOINT_DIR"),
+            tensorboard_dir=env.get("AIP_TENSORBOARD_LOG_DIR"),
+            hp_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE"),
+        ),
+        tracking=TrackingConfig(
+            enabled=args.tracking, mode=tracking_mode(env), project=args.wandb_project, wandb_dir=env.get("WANDB_DIR")
+        ),
+        cluster=ClusterConfig(tf_config=tf_config_from_env(env), gcp_project=env.get("GCP_PROJECT"), bucket=bucket),
+    )
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = os.environ if env is None else env
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = config_from_args(args, env)
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))  # exits 2 with usage
+
+    import training  # TensorFlow is imported only past this point
+
+    try:
+        training.run(config)
+    except training.INPUT_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; rerun with --run-id {config.output.run_id} to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        log.debug("run failed", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: run failed: {type(exc).__name__}: {first} (use -v for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

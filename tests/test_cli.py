@@ -1,0 +1,155 @@
+"""Flag parsing, environment → Config, and exit codes of cli.py (no training here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(argv, env=None):
+    return cli.config_from_args(cli.build_parser().parse_args(argv), env or {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], False),
+        (["-x"], True),
+        (["-x", "True"], True),
+        (["-x", "False"], False),
+        (["-x", "0"], False),
+        (["--tracking"], True),
+        (["-x", "--no-tracking"], False),
+        (["--tracking=yes"], True),
+    ],
+)
+def test_tracking_flag_parses_booleans_correctly(argv, expected):
+    assert config(argv).tracking.enabled is expected
+
+
+def test_original_short_flags_and_defaults():
+    c = config(
+        [
+            "-b",
+            "32",
+            "-e",
+            "3",
+            "-l",
+            "0.001",
+            "-f",
+            "64",
+            "-n",
+            "m1",
+            "-g",
+            "2",
+            "-p",
+            "-d",
+            "-q",
+            "int8",
+            "-q",
+            "dynamic",
+            "-q",
+            "int8",
+        ]
+    )
+    assert (c.train.batch_size, c.train.epochs, c.train.learning_rate, c.model.fcnn_nodes) == (32, 3, 0.001, 64)
+    assert (c.output.model_name, c.train.gpus, c.compression.prune, c.compression.distill) == ("m1", 2, True, True)
+    assert c.compression.quantize == ("int8", "dynamic")
+    d = config([])
+    assert (d.train.batch_size, d.train.epochs, d.train.learning_rate, d.model.fcnn_nodes, d.train.gpus) == (
+        64,
+        10,
+        1e-4,
+        1024,
+        1,
+    )
+    assert d.model.fine_tune is False and d.model.weights == "imagenet"
+
+
+def test_environment_is_read_into_config():
+    env = {
+        "GCS_BUCKET_NAME": "bkt",
+        "DVC_TAG": "dataset_v02",
+        "AIP_MODEL_DIR": "gs://bkt/aip/model",
+        "AIP_CHECKPOINT_DIR": "/ckpt",
+        "CLOUD_ML_HP_METRIC_FILE": "/tmp/hp",
+        "WANDB_API_KEY": "k" * 40,
+    }
+    c = config([], env)
+    assert c.output.output == "gs://bkt/models" and c.data.data_tag == "dataset_v02"
+    assert c.output.model_dir == "gs://bkt/aip/model" and c.output.checkpoint_dir == "/ckpt"
+    assert c.tracking.mode == "online"
+    assert "k" * 40 not in json.dumps(c.to_dict())  # the key stays in the environment only
+    assert config([], {}).tracking.mode == "offline"
+
+
+def test_vertex_cluster_spec_becomes_tf_config():
+    spec = {
+        "cluster": {"workerpool0": ["a:2222"], "workerpool1": ["b:2222"]},
+        "task": {"type": "workerpool1", "index": 0},
+    }
+    tf_config = json.loads(cli.tf_config_from_env({"CLUSTER_SPEC": json.dumps(spec)}))
+    assert tf_config == {"cluster": {"chief": ["a:2222"], "worker": ["b:2222"]}, "task": {"type": "worker", "index": 0}}
+    single = {"cluster": {"workerpool0": ["a:2222"]}, "task": {"type": "workerpool0", "index": 0}}
+    assert cli.tf_config_from_env({"CLUSTER_SPEC": json.dumps(single)}) is None
+
+
+def test_each_run_gets_a_new_run_id():
+    assert config([]).output.run_id != config([]).output.run_id
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-b", "7", "-g", "2"], "not divisible"),
+        (["--image-size", "16"], "minimum"),
+        (["--target-sparsity", "1.5"], "target-sparsity"),
+        (["-q", "int4"], "invalid choice"),
+        (["-x", "maybe"], "true/false"),
+        (["--bogus"], "unrecognized"),
+        (["-e", "0"], "epochs"),
+        (["-n", "../escape"], "model-name"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message):
+    out = subprocess.run([sys.executable, "cli.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+
+
+def test_help_is_fast_and_does_not_import_tensorflow():
+    code = "import sys, cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--manifest" in out.stdout and "default: 64" in out.stdout
+
+
+def test_missing_manifest_says_to_pull(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "--manifest",
+            str(tmp_path / "none.pickle"),
+            "--output",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "dvc_pull.sh" in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,79 @@
+"""The model builds, trains a step, saves and reloads without custom objects, and its fusion is convex."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from utilities.config import ModelConfig
+from utilities.model import BalancedAccuracy, FusionLayer, ModelError, build_model, compile_model, fusion_weights
+
+
+def _batch(n=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    features = {
+        "image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
+        "metadata": rng.integers(0, 2, (n, 28)).astype("float32"),
+    }
+    labels = tf_keras.utils.to_categorical(rng.integers(0, 8, n), 8)
+    return features, labels
+
+
+def test_fusion_is_convex_mix_of_branch_probabilities():
+    layer = FusionLayer()
+    a, b = tf.constant([[2.0, 0.0]]), tf.constant([[0.0, 2.0]])
+    out = layer([a, b]).numpy()
+    expected = 0.5 * tf.nn.softmax(a) + 0.5 * tf.nn.softmax(b)
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-6)
+    layer.branch_logits.assign([np.log(3.0), 0.0])  # weights 0.75 / 0.25
+    assert layer.branch_weights() == pytest.approx({"image": 0.75, "metadata": 0.25})
+    assert FusionLayer.from_config(layer.get_config()).branch_names == ("image", "metadata")
+
+
+def test_balanced_accuracy_metric_is_mean_recall_over_present_classes():
+    metric = BalancedAccuracy()
+    y_true = tf_keras.utils.to_categorical([0, 0, 0, 1], 8)
+    y_pred = tf_keras.utils.to_categorical([0, 0, 1, 1], 8)
+    metric.update_state(y_true, y_pred)
+    assert metric.result().numpy() == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_frozen_backbone_trains_only_heads_and_fusion(tmp_path):
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), image_size=32)
+    compile_model(model, 1e-3)
+    backbone = model.get_layer("densenet121")
+    before = [w.numpy().copy() for w in backbone.weights]
+    fusion_before = fusion_weights(model)
+    features, labels = _batch()
+    model.fit(features, labels, epochs=2, verbose=0)
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, backbone.weights, strict=True))
+    assert fusion_weights(model) != fusion_before
+    assert sum(fusion_weights(model).values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_in_a_fresh_process_without_custom_objects(tmp_path):
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=True), image_size=32)
+    compile_model(model, 1e-3)
+    features, _ = _batch()
+    expected = model.predict(features, verbose=0)
+    model.save(str(tmp_path / "model"))
+    np.save(tmp_path / "image.npy", features["image"])
+    np.save(tmp_path / "metadata.npy", features["metadata"])
+    np.save(tmp_path / "expected.npy", expected)
+    script = f"""
+import numpy as np, utilities.model as m
+model = m.load_model({str(tmp_path / "model")!r})
+x = {{"image": np.load({str(tmp_path / "image.npy")!r}), "metadata": np.load({str(tmp_path / "metadata.npy")!r})}}
+np.testing.assert_allclose(model.predict(x, verbose=0), np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-4, atol=1e-5)
+assert m.fusion_weights(model) is not None
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+
+
+def test_bad_weights_path_is_one_line_error(tmp_path):
+    with pytest.raises(ModelError, match="neither"):
+        build_model(ModelConfig(weights=str(tmp_path / "missing.h5")), image_size=32)

@@ -1,0 +1,160 @@
+"""The training job end to end through cli.py on tiny demo data (subprocesses: real flags, real env)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "wandb-secret-value-0123456789abcdef0123"
+TINY = ["--weights", "none", "--image-size", "32", "-b", "32", "-f", "16", "--patience", "0", "-l", "1e-3"]
+
+
+def run_cli(args, tmp_path, env_extra=None, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": SECRET}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def only_run(out: Path, model_name: str) -> Path:
+    runs = sorted((out / model_name).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
+    out = tmp_path / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", "-e", "2", "-x", *TINY]
+    first = run_cli([*args, "--data-tag", "dataset_v01"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run(out, "e2e")
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model_metrics = metrics["variants"]["model"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "per_class_recall", "confusion_matrix"):
+        assert key in model_metrics["val"] and key in model_metrics["test"]
+    for key in ("size_bytes", "gzip_bytes", "latency_ms"):
+        assert key in model_metrics
+    lineage = json.loads((run_dir / "run.json").read_text())
+    assert lineage["data"]["tag"] == "dataset_v01" and len(lineage["data"]["manifest_sha256"]) == 64
+    assert lineage["data"]["shard_sha256"] and lineage["packages"]["tensorflow"]
+    assert lineage["training"]["epochs_run"] == 2 and set(lineage["fusion_weights"]) == {"image", "metadata"}
+    for name in ("report.md", "confusion_matrix.png", "training_curves.png", "history.csv"):
+        assert (run_dir / name).stat().st_size > 0, name
+
+    # The model reloads in a fresh process and predicts probabilities.
+    check = (
+        "import numpy as np, utilities.model as m\n"
+        f"model = m.load_model({str(run_dir / 'model')!r})\n"
+        "p = model.predict({'image': np.zeros((2, 32, 32, 3), 'float32'), 'metadata': np.zeros((2, 28), 'float32')}, verbose=0)\n"
+        "assert p.shape == (2, 8) and np.allclose(p.sum(1), 1, atol=1e-4)\n"
+    )
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
+    wandb_runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert wandb_runs, "no offline W&B run"
+    for path in [*tmp_path.rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+    assert SECRET not in first.stdout + first.stderr
+
+    # A second run never overwrites the first.
+    second = run_cli([*args[:-1], "-e", "1"], tmp_path)  # drop -x
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(list((out / "e2e").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_rerun_of_an_interrupted_run_resumes_from_its_last_epoch(prepared, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "--manifest",
+        str(prepared.manifest_path),
+        "--output",
+        str(out),
+        "-n",
+        "resume",
+        "--run-id",
+        "r1",
+        "-e",
+        "4",
+        *TINY,
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    history = out / "resume" / "r1" / "history.csv"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().strip().splitlines()) >= 2:  # header + epoch 1
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished or died before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)  # as hard as a preempted VM
+    proc.wait(timeout=60)
+    assert not (out / "resume" / "r1" / "run.json").exists()
+
+    rerun = run_cli(args, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lineage = json.loads((out / "resume" / "r1" / "run.json").read_text())
+    assert lineage["training"]["resumed_from_epoch"] >= 1  # it did not start over
+    assert lineage["training"]["epochs_run"] == 4
+
+    again = run_cli(args, tmp_path)  # a complete run is never touched again
+    assert again.returncode == 2 and "already complete" in again.stderr
+
+
+@pytest.mark.slow
+def test_two_replicas_train_and_each_gets_half_the_global_batch(prepared, tmp_path):
+    script = f"""
+import utilities
+from utilities import data, distribution
+distribution.configure_devices(2)
+strategy = distribution.build_strategy(2, None)
+shards = data.fetch_shards(data.load_manifest({str(prepared.manifest_path)!r}), {str(tmp_path / "cache")!r})
+ds = data.build_datasets(shards, image_size=32, global_batch_size=32, seed=0)
+features, labels = next(iter(strategy.experimental_distribute_dataset(ds.train)))
+sizes = [int(t.shape[0]) for t in strategy.experimental_local_results(labels)]
+assert strategy.num_replicas_in_sync == 2 and sizes == [16, 16], sizes
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    out = tmp_path / "out"
+    result = run_cli(
+        ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "g2", "-g", "2", "-e", "1", *TINY],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lineage = json.loads((only_run(out, "g2") / "run.json").read_text())
+    assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
+
+
+def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
+    import tensorflow as tf
+
+    from utilities import distribution
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0", "gpu1"] if kind == "GPU" else [])
+    with pytest.raises(distribution.DeviceError, match="this machine has 2 GPU"):
+        distribution.configure_devices(4)
+
+
+def test_cluster_roles():
+    from utilities.distribution import parse_cluster
+
+    assert parse_cluster(None).is_chief
+    two = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    assert not parse_cluster(json.dumps(two)).is_chief
+    two["task"]["index"] = 0
+    assert parse_cluster(json.dumps(two)).is_chief and parse_cluster(json.dumps(two)).num_workers == 2

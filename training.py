@@ -1,0 +1,372 @@
+"""One training run, start to finish: `training.run(config)` owns every side effect.
+
+    python -c "import cli; cli.main(['--manifest', 'Versioning/versioned_paths.pickle', '--weights', 'none'])"
+
+Reads like the run: devices → run folder → data → tracking → model → fit (resuming from the
+backup when the run id was used before) → evaluate → compression variants → outputs, with
+`run.json` written last so a run folder that has it is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+import tf_keras
+
+from utilities import data, distribution, evaluation, storage, tracking, variant_eval
+from utilities.config import Config, ConfigError
+from utilities.model import ModelError, build_model, compile_model, fusion_weights
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as asked; the message is one line."""
+
+
+class NanLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names epoch and step."""
+
+
+INPUT_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    RunError,
+    data.DataError,
+    storage.StorageError,
+    distribution.DeviceError,
+    ModelError,
+)
+
+_PACKAGES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "numpy", "wandb", "dvc", "ai-edge-litert")
+
+
+@dataclass
+class RunFolder:
+    """Local folder the run writes into, and the URI where the finished run is published.
+
+    Local output: written in place. gs:// output: staged locally, uploaded at the end.
+    Non-chief workers of a multi-worker job write into a temporary folder that is never published.
+    """
+
+    local: Path
+    uri: str
+    publish: bool
+    checkpoints: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = self.local / "checkpoints"
+
+    def path(self, *parts: str) -> Path:
+        return self.local.joinpath(*parts)
+
+
+@dataclass
+class RunResult:
+    uri: str
+    local_dir: Path
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+
+
+def run(config: Config) -> RunResult:
+    started = _now()
+    # ------------------------------------------------------------------ devices and strategy
+    cluster = distribution.parse_cluster(config.cluster.tf_config)
+    distribution.configure_devices(config.train.gpus, multi_worker=cluster.num_workers > 1)
+    strategy = distribution.build_strategy(config.train.gpus, config.cluster.tf_config)
+    if config.train.mixed_precision:
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    tf_keras.utils.set_random_seed(config.train.seed)
+
+    # ------------------------------------------------------------------ run folder
+    folder = open_run_folder(config, is_chief=cluster.is_chief)
+    log.info("run %s → %s", config.output.run_id, folder.uri)
+
+    # ------------------------------------------------------------------ data
+    manifest = data.load_manifest(config.data.manifest)
+    shards = data.fetch_shards(manifest, config.data.cache_dir)
+    datasets = data.build_datasets(
+        shards,
+        image_size=config.data.image_size,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        augment=config.data.augment,
+        shuffle_buffer=config.data.shuffle_buffer,
+    )
+    log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
+
+    # ------------------------------------------------------------------ tracking
+    lineage = build_lineage(config, manifest, strategy, started)
+    tracker = tracking.start_tracking(
+        config.tracking,
+        run_name=config.output.model_name,
+        run_id=config.output.run_id,
+        config_dict={"config": config.to_dict(), "data": lineage["data"]},
+        is_chief=cluster.is_chief,
+    )
+    try:
+        # -------------------------------------------------------------- model
+        with strategy.scope():
+            model = build_model(config.model, config.data.image_size)
+            compile_model(model, config.train.learning_rate, jit=config.train.jit)
+        log.info("model: %s parameters (%s trainable)", f"{model.count_params():,}", f"{_trainable(model):,}")
+
+        # -------------------------------------------------------------- train (resumes from backup)
+        resumed_from = fit(model, datasets, config, folder, tracker)
+        history = read_history(folder.path("history.csv"))
+        lineage["training"] = {"resumed_from_epoch": resumed_from, "epochs_run": len(history.get("loss", []))}
+        lineage["fusion_weights"] = fusion_weights(model)
+
+        # -------------------------------------------------------------- evaluate and export
+        model.save(str(folder.path("model")))
+        metrics = {"headline": "balanced_accuracy", "variants": {}}
+        metrics["variants"]["model"] = variant_eval.evaluate_keras(model, datasets, folder.path("model"))
+        log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
+
+        # -------------------------------------------------------------- compression variants
+        metrics["variants"].update(run_compression(config, model, datasets, folder, strategy, tracker))
+
+        # -------------------------------------------------------------- outputs (run.json last)
+        lineage["finished"] = _now()
+        if folder.publish:
+            publish(config, folder, metrics, lineage, history, tracker)
+        tracker.finish(0)
+    except BaseException:
+        tracker.finish(1)
+        raise
+    return RunResult(uri=folder.uri, local_dir=folder.local, metrics=metrics, lineage=lineage)
+
+
+# ---------------------------------------------------------------------- run folder
+
+
+def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
+    """Where this run writes; refuses to touch a run that is already complete."""
+    uri = config.output.run_uri
+    if not is_chief:
+        return RunFolder(local=Path(tempfile.mkdtemp(prefix="dermaid-worker-")), uri=uri, publish=False)
+    storage.check_writable(config.output.output)
+    if storage.exists(storage.join(uri, "run.json")):
+        raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
+    if storage.is_gcs(uri):
+        local = Path(config.output.staging_dir) / config.output.model_name / config.output.run_id
+    else:
+        local = Path(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(local=local, uri=uri, publish=True)
+    if config.output.checkpoint_dir:
+        folder.checkpoints = (
+            Path(local_mount(config.output.checkpoint_dir)) / config.output.model_name / config.output.run_id
+        )
+    return folder
+
+
+def local_mount(uri: str) -> str:
+    """Vertex AI mounts buckets at /gcs/BUCKET (Cloud Storage FUSE); TensorFlow writes through it."""
+    if storage.is_gcs(uri):
+        mounted = Path("/gcs") / uri[len("gs://") :]
+        if not Path("/gcs").is_dir():
+            raise RunError(f"checkpoint dir {uri} needs the /gcs mount of Vertex AI; use a local path here")
+        return str(mounted)
+    return uri
+
+
+# ---------------------------------------------------------------------- training
+
+
+class NanGuard(tf_keras.callbacks.Callback):
+    """Stops the run at the first non-finite loss, naming epoch and step (TerminateOnNaN names neither)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NanLossError(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}; lower --learning-rate")
+
+
+class ResumeProbe(tf_keras.callbacks.Callback):
+    """Records the epoch `fit` starts from (after BackupAndRestore has restored its state)."""
+
+    start_epoch: int | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.start_epoch is None:
+            self.start_epoch = epoch
+
+
+def fit(model, datasets, config: Config, folder: RunFolder, tracker) -> int:
+    """Train with class weights; return the epoch training started from (0 unless resumed)."""
+    probe = ResumeProbe()
+    callbacks = [
+        # Backup first so its restore happens before other callbacks see the epoch.
+        tf_keras.callbacks.BackupAndRestore(str(folder.checkpoints / "backup")),
+        probe,
+        NanGuard(),
+        tf_keras.callbacks.ModelCheckpoint(str(folder.checkpoints / "epoch-{epoch:03d}"), save_weights_only=True),
+        tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
+        *tracker.callbacks(),
+    ]
+    if config.train.patience > 0:
+        callbacks.append(
+            tf_keras.callbacks.EarlyStopping(
+                monitor="val_balanced_accuracy", mode="max", patience=config.train.patience, restore_best_weights=True
+            )
+        )
+    if config.output.tensorboard_dir:
+        callbacks.append(tf_keras.callbacks.TensorBoard(local_mount(config.output.tensorboard_dir)))
+    model.fit(
+        datasets.train,
+        validation_data=datasets.val,
+        epochs=config.train.epochs,
+        class_weight=datasets.class_weights,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    return probe.start_epoch or 0
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Per-epoch metrics from CSVLogger, across resumed runs (later rows win for a repeated epoch)."""
+    if not path.exists():
+        return {}
+    import csv
+
+    rows: dict[int, dict[str, str]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("epoch", "").isdigit():
+                rows[int(row["epoch"])] = row
+    keys = [k for k in next(iter(rows.values()), {}) if k != "epoch"]
+    return {k: [float(rows[e][k]) for e in sorted(rows)] for k in keys}
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def run_compression(config: Config, model, datasets, folder: RunFolder, strategy, tracker) -> dict[str, Any]:
+    """Pruned, student and TFLite variants, each evaluated; none when no compression flag is set."""
+    c = config.compression
+    if not (c.prune or c.distill or c.quantize):
+        return {}
+    from utilities import model_compression
+
+    return model_compression.run_variants(config, model, datasets, folder, strategy, tracker)
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracker) -> None:
+    clean = variant_eval.public(metrics)
+    _write_json(folder.path("metrics.json"), clean)
+    report = evaluation.write_report(folder.local, clean, lineage, history)
+    headline = clean["variants"]["model"]["val"]["balanced_accuracy"]
+    tracker.log_summary(
+        {
+            "val/balanced_accuracy": headline,
+            "test/balanced_accuracy": clean["variants"]["model"]["test"]["balanced_accuracy"],
+        }
+    )
+    tracker.log_table("variants", evaluation.comparison_rows(clean))
+    tracker.log_images({p.stem: p for p in folder.local.glob("*.png")})
+    tracker.log_model(
+        folder.path("model"), config.output.model_name, config.data.data_tag, lineage["data"]["manifest_sha256"]
+    )
+    report_hypertune(config, headline)
+    if config.output.model_dir:
+        storage.upload_tree(folder.path("model"), config.output.model_dir)
+    # run.json is the completion marker: written (and uploaded) after everything else.
+    _write_json(folder.path("run.json"), lineage)
+    if storage.is_gcs(folder.uri):
+        files = [
+            p for p in folder.local.rglob("*") if p.is_file() and p.name != "run.json" and "checkpoints" not in p.parts
+        ]
+        for path in files:
+            storage.upload_file(path, storage.join(folder.uri, path.relative_to(folder.local).as_posix()))
+        storage.upload_file(folder.path("run.json"), storage.join(folder.uri, "run.json"))
+    log.info("model, metrics and report: %s (report: %s)", folder.uri, report.name)
+
+
+def report_hypertune(config: Config, balanced_accuracy: float) -> None:
+    if not config.output.hp_metric_file:
+        return
+    import hypertune
+
+    hypertune.HyperTune().report_hyperparameter_tuning_metric(
+        hyperparameter_metric_tag="balanced_accuracy", metric_value=balanced_accuracy, global_step=config.train.epochs
+    )
+
+
+# ---------------------------------------------------------------------- lineage
+
+
+def build_lineage(config: Config, manifest, strategy, started: str) -> dict[str, Any]:
+    return {
+        "run_id": config.output.run_id,
+        "model_name": config.output.model_name,
+        "uri": config.output.run_uri,
+        "started": started,
+        "config": config.to_dict(),
+        "data": {
+            "tag": config.data.data_tag,
+            "manifest": config.data.manifest,
+            "manifest_sha256": data.file_sha256(config.data.manifest),
+            "shard_sha256": dict(manifest.sha256 or {}),
+            "counts": manifest.counts,
+        },
+        "code": {"git_commit": git_commit()},
+        "packages": package_versions(),
+        "devices": distribution.device_summary(strategy),
+    }
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _write_json(path: Path, content: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _trainable(model) -> int:
+    return int(sum(tf.size(w).numpy() for w in model.trainable_weights))
+
+
+def _rounded(weights: dict[int, float]) -> dict[int, float]:
+    return {k: round(v, 3) for k, v in weights.items()}
+
+
+__all__ = ["INPUT_ERRORS", "RunError", "run"]

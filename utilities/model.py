@@ -1,0 +1,171 @@
+"""The DermAID model: DenseNet121 image branch + metadata dense branch, fused by learned weights.
+
+    image (B,S,S,3) float 0..255 ─ DenseNet preprocessing ─ DenseNet121 (avg-pooled, 1024) ─ Dense(8) ─┐
+                                                                                                      FusionLayer → probs (B,8)
+    metadata (B,28) multi-hot ─ Dense(f, relu) ─ Dropout ─ Dense(8) ─────────────────────────────────┘
+
+Preprocessing lives inside the model so a saved or TFLite model takes raw pixels. Every custom class
+here is registered with Keras, so `tf_keras.models.load_model(path)` needs no `custom_objects` once
+this module is imported (`import utilities.model`); `tf.saved_model.load(path)` needs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+import tf_keras
+
+from utilities.config import ModelConfig
+from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES
+
+# ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded; the message is one line."""
+
+
+@tf_keras.utils.register_keras_serializable(package="dermaid")
+class FusionLayer(tf_keras.layers.Layer):
+    """Convex mix of the branches' class probabilities with learned weights.
+
+    One trainable logit per branch; softmax over them gives weights w_i ≥ 0, Σ w_i = 1, and the
+    output is Σ w_i · softmax(branch_logits_i). The weights say how much the model leans on each
+    branch (logged every epoch). Always computed in float32, also under mixed precision.
+    """
+
+    def __init__(self, branch_names: tuple[str, ...] = ("image", "metadata"), **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.branch_names = tuple(branch_names)
+
+    def build(self, input_shape):
+        self.branch_logits = self.add_weight(
+            name="branch_logits", shape=(len(self.branch_names),), initializer="zeros", trainable=True
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        weights = tf.nn.softmax(self.branch_logits)  # (n_branches,)
+        probs = tf.stack([tf.nn.softmax(tf.cast(x, tf.float32)) for x in inputs], axis=0)  # (n, B, C)
+        return tf.einsum("n,nbc->bc", weights, probs)
+
+    def branch_weights(self) -> dict[str, float]:
+        values = tf.nn.softmax(self.branch_logits).numpy().tolist()
+        return dict(zip(self.branch_names, values, strict=True))
+
+    def get_config(self):
+        return {**super().get_config(), "branch_names": list(self.branch_names)}
+
+
+@tf_keras.utils.register_keras_serializable(package="dermaid")
+class BalancedAccuracy(tf_keras.metrics.Metric):
+    """Mean per-class recall over classes seen so far (the headline metric), from one-hot labels.
+
+    Accumulates a C×C confusion matrix, so it sums correctly across replicas and batches.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, name: str = "balanced_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.matrix = self.add_weight(name="matrix", shape=(num_classes, num_classes), initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        true_ids = tf.argmax(y_true, axis=-1)
+        pred_ids = tf.argmax(y_pred, axis=-1)
+        batch = tf.math.confusion_matrix(true_ids, pred_ids, num_classes=self.num_classes, dtype=self.dtype)
+        self.matrix.assign_add(batch)
+
+    def result(self):
+        support = tf.reduce_sum(self.matrix, axis=1)
+        recall = tf.math.divide_no_nan(tf.linalg.diag_part(self.matrix), support)
+        present = tf.cast(support > 0, self.dtype)
+        return tf.math.divide_no_nan(tf.reduce_sum(recall * present), tf.reduce_sum(present))
+
+    def reset_state(self):
+        self.matrix.assign(tf.zeros_like(self.matrix))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def densenet_preprocessing(image: tf.Tensor) -> tf.Tensor:
+    """Raw 0..255 pixels → DenseNet input, as built-in layers (no custom objects in saved models)."""
+    scaled = tf_keras.layers.Rescaling(1.0 / 255.0, name="scale_0_1")(image)
+    variance = [s * s for s in _IMAGENET_STD]
+    return tf_keras.layers.Normalization(mean=_IMAGENET_MEAN, variance=variance, name="imagenet_norm")(scaled)
+
+
+def build_backbone(weights: str, image_size: int) -> tf_keras.Model:
+    """DenseNet121 without top, average-pooled (B, 1024). `weights`: imagenet | none | a file path."""
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ModelError(f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing weights file")
+    source = None if weights == "none" else weights
+    try:
+        return tf_keras.applications.DenseNet121(
+            include_top=False, weights=source, input_shape=(image_size, image_size, 3), pooling="avg"
+        )
+    except Exception as exc:  # download failure, wrong file, wrong shapes
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load DenseNet121 weights {weights!r}: {first_line}") from exc
+
+
+def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
+    """The fused classifier; call inside `strategy.scope()`. Output: class probabilities (B, 8)."""
+    image = tf_keras.Input((image_size, image_size, 3), name="image")
+    metadata = tf_keras.Input((METADATA_SIZE,), name="metadata")
+
+    backbone = build_backbone(config.weights, image_size)
+    backbone.trainable = config.fine_tune
+    # A frozen backbone runs in inference mode so its BatchNorm statistics stay fixed.
+    features = backbone(densenet_preprocessing(image), training=None if config.fine_tune else False)
+    features = tf_keras.layers.Dropout(config.dropout, name="image_dropout")(features)
+    image_logits = tf_keras.layers.Dense(NUM_CLASSES, name="image_logits")(features)
+
+    hidden = tf_keras.layers.Dense(config.fcnn_nodes, activation="relu", name="metadata_dense")(metadata)
+    hidden = tf_keras.layers.Dropout(config.dropout, name="metadata_dropout")(hidden)
+    metadata_logits = tf_keras.layers.Dense(NUM_CLASSES, name="metadata_logits")(hidden)
+
+    probs = FusionLayer(name="fusion")([image_logits, metadata_logits])
+    return tf_keras.Model({"image": image, "metadata": metadata}, probs, name="dermaid")
+
+
+def compile_model(model: tf_keras.Model, learning_rate: float, jit: bool = False) -> None:
+    """Adam on categorical cross-entropy over the fused probabilities; inside `strategy.scope()`."""
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(learning_rate),
+        loss=tf_keras.losses.CategoricalCrossentropy(),
+        metrics=[tf_keras.metrics.CategoricalAccuracy(name="accuracy"), BalancedAccuracy()],
+        jit_compile=jit,
+    )
+
+
+def fusion_weights(model: tf_keras.Model) -> dict[str, float] | None:
+    """Current branch weights of the model's fusion layer, or None if it has none."""
+    for layer in model.layers:
+        if isinstance(layer, FusionLayer):
+            return layer.branch_weights()
+    return None
+
+
+def load_model(path: str | Path) -> tf_keras.Model:
+    """Reload a saved model (SavedModel folder or .keras file) with our layers registered."""
+    try:
+        return tf_keras.models.load_model(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load model {path}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "BalancedAccuracy",
+    "FusionLayer",
+    "ModelError",
+    "build_model",
+    "compile_model",
+    "fusion_weights",
+    "load_model",
+]
