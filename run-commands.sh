@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Entry point of the training image: resolves settings and secrets, then runs run-training.sh.
+#
+#   run-commands.sh [GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KEY DVC_TAG NUM_GPU] [--] [cli.py args...]
+#   docker run IMAGE my-project my-bucket - - dataset_v02 1 -- -e 20 -x
+#
+# The six positionals are the original Vertex AI job's interface and stay accepted, all six or none.
+# A positional "" or "-" (or leaving them all out) takes the value from, in order:
+#   the environment variable of the same name;
+#   for the secrets, $SECRETS_DIR/git.txt (GIT_LOGIN) and $SECRETS_DIR/wandb.txt (WANDB_API_KEY),
+#   SECRETS_DIR defaulting to /secrets (docker-shell.sh mounts secrets/ there);
+#   for the secrets, a Secret Manager version named by GIT_LOGIN_SECRET / WANDB_API_KEY_SECRET
+#   ("projects/P/secrets/S[/versions/V]"), read with the job's own credentials (how
+#   tools/vertex_submit.py provides them: a Vertex AI job spec has no secret fields).
+# GCS_BUCKET_NAME and DVC_TAG are required, NUM_GPU defaults to 1, DVC_REPO comes from the environment.
+# GOOGLE_APPLICATION_CREDENTIALS passes through; if unset, $SECRETS_DIR/gcp.json is used when present.
+#
+# Secrets: never printed, never on a command line we start, never in a file outside a private
+# directory (mktemp -d, mode 0700) deleted on exit. GIT_LOGIN ("user:token") reaches the data
+# registry through a git credential helper scoped to DVC_REPO's https origin; WANDB_API_KEY reaches
+# only the environment of the training process; without it W&B runs offline.
+# Exit status: 2 for usage errors, otherwise run-training.sh's (that is cli.py's).
+set -euo pipefail
+
+readonly PROG=run-commands.sh
+readonly USAGE="usage: $PROG [GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KEY DVC_TAG NUM_GPU] [--] [cli.py args...]  (\"-\": from environment or \$SECRETS_DIR)"
+readonly NAMES=(GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KEY DVC_TAG NUM_GPU)
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+secrets_dir=${SECRETS_DIR:-/secrets}
+python=${PYTHON:-python}
+
+usage_error() {
+    printf '%s\n%s: error: %s\n' "$USAGE" "$PROG" "$1" >&2
+    exit 2
+}
+
+die() {
+    printf '%s: error: %s\n' "$PROG" "$1" >&2
+    exit "${2:-1}"
+}
+
+warn() {
+    printf '%s: warning: %s\n' "$PROG" "$1" >&2
+}
+
+# ---- positionals --------------------------------------------------------------------------------
+if (($#)) && [[ $1 == -h || $1 == --help ]]; then
+    printf '%s\n' "$USAGE"
+    exit 0
+fi
+positional=()
+while (($#)) && ((${#positional[@]} < 6)); do
+    case $1 in
+        --) break ;;
+        -) positional+=("") ;;
+        -?*) break ;; # the first cli.py flag
+        *) positional+=("$1") ;;
+    esac
+    shift
+done
+# Values are never echoed in these messages: a misplaced argument may well be a token.
+if ((${#positional[@]} != 0 && ${#positional[@]} != 6)); then
+    usage_error "expected all six positional arguments or none, got ${#positional[@]} (use - for a value from the environment)"
+fi
+if (($#)) && [[ $1 == -- ]]; then
+    shift
+elif (($#)) && [[ $1 != -?* ]]; then
+    usage_error "unexpected argument after the six positional arguments (cli.py arguments go after --)"
+fi
+
+# ---- settings -------------------------------------------------------------------------------------
+# Positional first, then the environment. Assigned with printf -v: no subshell, no echo.
+for i in "${!NAMES[@]}"; do
+    name=${NAMES[i]}
+    value=${positional[i]:-}
+    if [[ -n $value && ($name == GIT_LOGIN || $name == WANDB_API_KEY) ]]; then
+        warn "$name given as an argument is visible to every process on this machine; prefer \$SECRETS_DIR or the environment"
+    fi
+    [[ -n $value ]] || value=${!name:-}
+    printf -v "$name" '%s' "$value"
+done
+
+# First line of a secret file, surrounding whitespace (a Windows CR too) removed. A missing file
+# is not an error: the secret is optional. $1 file, $2 variable to set.
+read_secret_file() {
+    local line=""
+    [[ -e $1 ]] || return 0
+    [[ -r $1 ]] || die "cannot read $1 (check its owner and mode)"
+    IFS= read -r line <"$1" || true
+    line=${line#"${line%%[![:space:]]*}"}
+    line=${line%"${line##*[![:space:]]}"}
+    printf -v "$2" '%s' "$line"
+}
+
+# Secret Manager: $1 names the variable holding the version's resource name, $2 the variable to set.
+# Python (google-auth, in the image) uses Application Default Credentials: on Vertex AI the job's
+# service account via the metadata server. The payload travels through a pipe, never an argument.
+read_secret_manager() {
+    local ref=${!1} value
+    [[ $ref == projects/*/secrets/* ]] || usage_error "$1 must look like projects/PROJECT/secrets/NAME[/versions/VERSION]"
+    [[ $ref == */versions/* ]] || ref="$ref/versions/latest"
+    value=$(SECRET_REF=$ref "$python" -c '
+import base64, os, sys
+ref = os.environ["SECRET_REF"]
+endpoint = os.environ.get("SECRET_MANAGER_ENDPOINT", "https://secretmanager.googleapis.com").rstrip("/")
+try:
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    response = AuthorizedSession(credentials).get(f"{endpoint}/v1/{ref}:access", timeout=60)
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}")
+    sys.stdout.write(base64.b64decode(response.json()["payload"]["data"]).decode().strip())
+except Exception as exc:  # one line, and never the payload
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    sys.exit(f"{type(exc).__name__}: {detail}")
+') || die "cannot read the Secret Manager version named by $1"
+    printf -v "$2" '%s' "$value"
+}
+
+[[ -n $GIT_LOGIN ]] || read_secret_file "$secrets_dir/git.txt" GIT_LOGIN
+[[ -n $WANDB_API_KEY ]] || read_secret_file "$secrets_dir/wandb.txt" WANDB_API_KEY
+if [[ -z $GIT_LOGIN && -n ${GIT_LOGIN_SECRET:-} ]]; then read_secret_manager GIT_LOGIN_SECRET GIT_LOGIN; fi
+if [[ -z $WANDB_API_KEY && -n ${WANDB_API_KEY_SECRET:-} ]]; then read_secret_manager WANDB_API_KEY_SECRET WANDB_API_KEY; fi
+if [[ -z ${GOOGLE_APPLICATION_CREDENTIALS:-} && -f $secrets_dir/gcp.json ]]; then
+    export GOOGLE_APPLICATION_CREDENTIALS=$secrets_dir/gcp.json
+fi
+
+[[ -n $GCS_BUCKET_NAME ]] || usage_error "GCS_BUCKET_NAME is required (argument 2 or environment)"
+[[ -n $DVC_TAG ]] || usage_error "DVC_TAG is required (argument 5 or environment)"
+[[ $DVC_TAG != -* ]] || usage_error "DVC_TAG must not start with -"
+NUM_GPU=${NUM_GPU:-1}
+[[ $NUM_GPU =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "NUM_GPU must be a positive integer"
+
+export GCS_BUCKET_NAME DVC_TAG NUM_GPU
+if [[ -n $GCP_PROJECT ]]; then export GCP_PROJECT; fi
+# Never ask on a terminal: a container has none and a prompt would hang the job.
+export GIT_TERMINAL_PROMPT=0
+
+# ---- W&B ---------------------------------------------------------------------------------------------
+if [[ -n $WANDB_API_KEY ]]; then
+    export WANDB_API_KEY
+else
+    unset WANDB_API_KEY
+    # "disabled" is a deliberate choice; anything else would try the network without a key.
+    [[ ${WANDB_MODE:-} == disabled ]] || export WANDB_MODE=offline
+fi
+
+# ---- git credentials for the data registry ------------------------------------------------------
+# A credential helper in a private directory answers git and DVC (dulwich reads the same config
+# file). GIT_CONFIG_GLOBAL points at a config holding only the helper's path, so neither the
+# token nor the helper ever lands in ~/.gitconfig or in a repository's .git/config.
+cred_dir=""
+# shellcheck disable=SC2329  # invoked by the EXIT trap
+cleanup() {
+    if [[ -n $cred_dir ]]; then rm -rf -- "$cred_dir"; fi
+}
+trap cleanup EXIT
+
+if [[ -n $GIT_LOGIN ]]; then
+    user=${GIT_LOGIN%%:*}
+    token=${GIT_LOGIN#*:}
+    if [[ $GIT_LOGIN != *:* || -z $user || -z $token || $GIT_LOGIN == *[[:cntrl:]]* ]]; then
+        usage_error "GIT_LOGIN must be user:token on one line"
+    fi
+    if [[ ${DVC_REPO:-} =~ ^(https?://)([^/@]*@)?([^/]+) ]]; then
+        origin=${BASH_REMATCH[1]}${BASH_REMATCH[3]}
+        saved_umask=$(umask)
+        umask 077
+        cred_dir=$(mktemp -d "${TMPDIR:-/tmp}/dermaid-git.XXXXXX")
+        # The helper runs through sh (git and dulwich both honour "!"); a quote would break it.
+        [[ $cred_dir != *"'"* ]] || die "temporary directory path contains a quote: $cred_dir"
+        printf 'username=%s\npassword=%s\n' "$user" "$token" >"$cred_dir/credential"
+        cat >"$cred_dir/helper" <<'HELPER'
+#!/bin/sh
+# git credential helper (gitcredentials(7)): answers "get" from the file beside it.
+while IFS= read -r line && [ -n "$line" ]; do :; done
+[ "$1" = get ] && exec cat "$(dirname "$0")/credential"
+exit 0
+HELPER
+        chmod 700 "$cred_dir/helper"
+        {
+            # Keep the user's own settings (proxies, URL rewrites) when running outside the image.
+            user_config=${GIT_CONFIG_GLOBAL:-${HOME:-/nonexistent}/.gitconfig}
+            if [[ -f $user_config ]]; then printf '[include]\n\tpath = %s\n' "$user_config"; fi
+            printf '[credential "%s"]\n\thelper = !'"'"'%s'"'"'\n' "$origin" "$cred_dir/helper"
+        } >"$cred_dir/gitconfig"
+        export GIT_CONFIG_GLOBAL=$cred_dir/gitconfig
+        umask "$saved_umask"
+    else
+        warn "GIT_LOGIN is not used: DVC_REPO is not an https URL"
+    fi
+fi
+unset GIT_LOGIN user token
+
+# ---- train ------------------------------------------------------------------------------------------
+# A child rather than exec, so that the credential directory is removed when training ends.
+# Docker and Vertex AI stop a job with SIGTERM to this process: pass it on and wait for the child.
+bash "$here/run-training.sh" "$@" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+status=0
+wait "$child" || status=$?
+# A trapped signal interrupts wait while the child is still shutting down: wait for its real status.
+while kill -0 "$child" 2>/dev/null; do
+    status=0
+    wait "$child" || status=$?
+done
+exit "$status"
