@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # TensorFlow's own INFO chatter (sharding callbacks, asset writes)
+        for name in ("absl", "tensorflow", "h5py"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = config_from_args(args, env)
     except (ConfigError, ValueError) as exc:

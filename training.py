@@ -25,7 +25,7 @@ import tf_keras
 
 from utilities import data, distribution, evaluation, storage, tracking, variant_eval
 from utilities.config import Config, ConfigError
-from utilities.model import ModelError, build_model, compile_model, fusion_weights
+from utilities.model import ModelError, build_model, compile_model, fusion_weights, save_model
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run(config: Config) -> RunResult:
         lineage["fusion_weights"] = fusion_weights(model)
 
         # -------------------------------------------------------------- evaluate and export
-        model.save(str(folder.path("model")))
+        save_model(model, folder.path("model"))
         metrics = {"headline": "balanced_accuracy", "variants": {}}
         metrics["variants"]["model"] = variant_eval.evaluate_keras(model, datasets, folder.path("model"))
         log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
@@ -214,7 +214,8 @@ def fit(model, datasets, config: Config, folder: RunFolder, tracker) -> int:
         tf_keras.callbacks.BackupAndRestore(str(folder.checkpoints / "backup")),
         probe,
         NanGuard(),
-        tf_keras.callbacks.ModelCheckpoint(str(folder.checkpoints / "epoch-{epoch:03d}"), save_weights_only=True),
+        # The latest epoch's weights (overwritten each epoch: one copy, not one per epoch).
+        tf_keras.callbacks.ModelCheckpoint(str(folder.checkpoints / "last"), save_weights_only=True),
         tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
         *tracker.callbacks(),
     ]
@@ -285,8 +286,9 @@ def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracke
         folder.path("model"), config.output.model_name, config.data.data_tag, lineage["data"]["manifest_sha256"]
     )
     report_hypertune(config, headline)
-    if config.output.model_dir:
-        storage.upload_tree(folder.path("model"), config.output.model_dir)
+    if config.output.model_dir:  # Vertex AI's model registry serves SavedModels
+        export_saved_model(folder.path("model"), folder.path("saved_model"))
+        storage.upload_tree(folder.path("saved_model"), config.output.model_dir)
     # run.json is the completion marker: written (and uploaded) after everything else.
     _write_json(folder.path("run.json"), lineage)
     if storage.is_gcs(folder.uri):
@@ -297,6 +299,13 @@ def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracke
             storage.upload_file(path, storage.join(folder.uri, path.relative_to(folder.local).as_posix()))
         storage.upload_file(folder.path("run.json"), storage.join(folder.uri, "run.json"))
     log.info("model, metrics and report: %s (report: %s)", folder.uri, report.name)
+
+
+def export_saved_model(keras_folder: Path, target: Path) -> None:
+    """SavedModel with a serving signature (inputs `image`, `metadata`) for TF Serving / Vertex."""
+    from utilities.model import load_model
+
+    load_model(keras_folder).save(str(target), include_optimizer=False)
 
 
 def report_hypertune(config: Config, balanced_accuracy: float) -> None:

@@ -56,11 +56,13 @@ def test_frozen_backbone_trains_only_heads_and_fusion(tmp_path):
 
 @pytest.mark.slow
 def test_saved_model_reloads_in_a_fresh_process_without_custom_objects(tmp_path):
+    from utilities.model import save_model
+
     model = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=True), image_size=32)
     compile_model(model, 1e-3)
     features, _ = _batch()
     expected = model.predict(features, verbose=0)
-    model.save(str(tmp_path / "model"))
+    save_model(model, tmp_path / "model")
     np.save(tmp_path / "image.npy", features["image"])
     np.save(tmp_path / "metadata.npy", features["metadata"])
     np.save(tmp_path / "expected.npy", expected)

@@ -34,8 +34,8 @@ def only_run(out: Path, model_name: str) -> Path:
 @pytest.mark.slow
 def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
     out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", "-e", "2", "-x", *TINY]
-    first = run_cli([*args, "--data-tag", "dataset_v01"], tmp_path)
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", *TINY]
+    first = run_cli([*args, "-e", "2", "-x", "--data-tag", "dataset_v01"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = only_run(out, "e2e")
 
@@ -70,7 +70,7 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
     assert SECRET not in first.stdout + first.stderr
 
     # A second run never overwrites the first.
-    second = run_cli([*args[:-1], "-e", "1"], tmp_path)  # drop -x
+    second = run_cli([*args, "-e", "1"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert len(list((out / "e2e").iterdir())) == 2
 

@@ -6,7 +6,8 @@
 
 Preprocessing lives inside the model so a saved or TFLite model takes raw pixels. Every custom class
 here is registered with Keras, so `tf_keras.models.load_model(path)` needs no `custom_objects` once
-this module is imported (`import utilities.model`); `tf.saved_model.load(path)` needs nothing.
+this module is imported (`import utilities.model`); a SavedModel export (for serving) loads with
+`tf.saved_model.load(path)` and needs nothing.
 """
 
 from __future__ import annotations
@@ -151,8 +152,22 @@ def fusion_weights(model: tf_keras.Model) -> dict[str, float] | None:
     return None
 
 
+KERAS_FILE = "model.keras"  # the model inside a run's model/ folder
+
+
+def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
+    """`folder/model.keras`: config + weights in one zip, seconds to write (a SavedModel takes ~1 min)."""
+    path = Path(folder) / KERAS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(path))
+    return path
+
+
 def load_model(path: str | Path) -> tf_keras.Model:
-    """Reload a saved model (SavedModel folder or .keras file) with our layers registered."""
+    """Reload a saved model: a .keras file, a folder holding one, or a SavedModel folder."""
+    path = Path(path)
+    if path.is_dir() and (path / KERAS_FILE).is_file():
+        path = path / KERAS_FILE
     try:
         return tf_keras.models.load_model(str(path))
     except (OSError, ValueError, TypeError) as exc:
@@ -168,4 +183,5 @@ __all__ = [
     "compile_model",
     "fusion_weights",
     "load_model",
+    "save_model",
 ]
