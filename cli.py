@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fine-tune", action="store_true", help="train the backbone too (default: frozen, as the original teacher)"
     )
     model.add_argument("--dropout", type=float, default=0.3, help="dropout before each class head")
+    model.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=0.99,
+        help="backbone BatchNorm momentum (~0.9 when fine-tuning on little data)",
+    )
 
     train = parser.add_argument_group("Training")
     train.add_argument("-b", "--batch-size", type=int, default=64, help="global batch size, split across replicas")
@@ -171,7 +177,11 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
             shuffle_buffer=args.shuffle_buffer,
         ),
         model=ModelConfig(
-            weights=args.weights, fine_tune=args.fine_tune, fcnn_nodes=args.fcnn_nodes, dropout=args.dropout
+            weights=args.weights,
+            fine_tune=args.fine_tune,
+            fcnn_nodes=args.fcnn_nodes,
+            dropout=args.dropout,
+            bn_momentum=args.bn_momentum,
         ),
         train=TrainConfig(
             batch_size=args.batch_size,

@@ -104,6 +104,10 @@ def run(config: Config) -> RunResult:
         shuffle_buffer=config.data.shuffle_buffer,
     )
     log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
+    if config.compression.prune or config.compression.distill or config.compression.quantize:
+        from utilities import model_compression  # tfmot is imported only when compressing
+
+        model_compression.check_inputs(config, train_examples=datasets.counts["train"])
 
     # ------------------------------------------------------------------ tracking
     lineage = build_lineage(config, manifest, strategy, started)
@@ -134,7 +138,7 @@ def run(config: Config) -> RunResult:
         log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
 
         # -------------------------------------------------------------- compression variants
-        metrics["variants"].update(run_compression(config, model, datasets, folder, strategy, tracker))
+        metrics["variants"].update(run_compression(config, model, datasets, folder, strategy, tracker, metrics))
 
         # -------------------------------------------------------------- outputs (run.json last)
         lineage["finished"] = _now()
@@ -256,14 +260,15 @@ def read_history(path: Path) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------- evaluation
 
 
-def run_compression(config: Config, model, datasets, folder: RunFolder, strategy, tracker) -> dict[str, Any]:
+def run_compression(config: Config, model, datasets, folder: RunFolder, strategy, tracker, metrics) -> dict[str, Any]:
     """Pruned, student and TFLite variants, each evaluated; none when no compression flag is set."""
     c = config.compression
     if not (c.prune or c.distill or c.quantize):
         return {}
     from utilities import model_compression
 
-    return model_compression.run_variants(config, model, datasets, folder, strategy, tracker)
+    reference = metrics["variants"]["model"]  # float model's predictions, for top-1 agreement
+    return model_compression.run_variants(config, model, datasets, folder, strategy, tracker, reference=reference)
 
 
 # ---------------------------------------------------------------------- outputs

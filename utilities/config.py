@@ -53,9 +53,13 @@ class ModelConfig:
     fine_tune: bool = False  # False: frozen backbone, as the original teacher
     fcnn_nodes: int = 1024  # width of the metadata dense layer
     dropout: float = 0.3
+    # Backbone BatchNorm moving-average momentum. DenseNet's 0.99 needs hundreds of steps to
+    # settle; fine-tuning from scratch on a few hundred images wants ~0.9 or validation collapses.
+    bn_momentum: float = 0.99
 
     def __post_init__(self) -> None:
         _check(self.fcnn_nodes >= 1, "--fcnn-nodes must be at least 1")
+        _check(0.0 < self.bn_momentum < 1.0, "--bn-momentum must be in (0, 1)")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
 
 

@@ -121,6 +121,9 @@ def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
 
     backbone = build_backbone(config.weights, image_size)
     backbone.trainable = config.fine_tune
+    for layer in backbone.layers:
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            layer.momentum = config.bn_momentum
     # A frozen backbone runs in inference mode so its BatchNorm statistics stay fixed.
     features = backbone(densenet_preprocessing(image), training=None if config.fine_tune else False)
     features = tf_keras.layers.Dropout(config.dropout, name="image_dropout")(features)

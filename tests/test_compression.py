@@ -1,0 +1,524 @@
+"""Pruning and distillation on tiny models and data: sparsity reached, teacher untouched, one loss for
+both training paths, per-replica batches, resume, tracking, and per-variant failure isolation.
+
+    .venv/bin/python -m pytest tests/test_compression.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Keras 2
+import tf_keras
+
+from utilities import evaluation, variant_eval
+from utilities import model_compression as mc
+from utilities.config import CompressionConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32  # pixels
+
+
+# ---------------------------------------------------------------------- toy data, models, stand-ins
+
+
+@dataclass
+class ToyDatasets:
+    """Shaped like utilities.data.Datasets: batches of ({"image", "metadata"}, one-hot)."""
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset
+    class_weights: dict[int, float]
+    counts: dict[str, int]
+    steps_per_epoch: dict[str, int]
+
+
+def toy_arrays(n: int, seed: int, size: int = SIZE) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Learnable toy data: a class colour in the image (+ noise), the class as the site bit 70 % of the time."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 8, n)
+    palette = np.stack([(np.arange(8) * k) % 256 for k in (37, 91, 151)], axis=1)  # (8, 3) RGB per class
+    images = palette[labels][:, None, None, :] + rng.normal(0, 40, (n, size, size, 3))
+    metadata = np.zeros((n, 28), np.float32)
+    metadata[np.arange(n), rng.integers(0, 18, n)] = 1  # an age bin
+    site = np.where(rng.random(n) < 0.7, labels, rng.integers(0, 8, n))
+    metadata[np.arange(n), 18 + site] = 1
+    features = {"image": np.clip(images, 0, 255).astype(np.float32), "metadata": metadata}
+    return features, tf_keras.utils.to_categorical(labels, 8).astype(np.float32)
+
+
+def toy_datasets(n_train: int = 128, n_eval: int = 48, batch: int = 16, seed: int = 0) -> ToyDatasets:
+    def dataset(n: int, s: int) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(toy_arrays(n, s)).batch(batch)
+
+    counts = np.bincount(toy_arrays(n_train, seed)[1].argmax(1), minlength=8)
+    weights = {i: float(n_train / (8 * c)) for i, c in enumerate(counts) if c}
+    steps = {"train": -(-n_train // batch), "val": -(-n_eval // batch), "test": -(-n_eval // batch)}
+    sizes = {"train": n_train, "val": n_eval, "test": n_eval}
+    return ToyDatasets(
+        dataset(n_train, seed), dataset(n_eval, seed + 1), dataset(n_eval, seed + 2), weights, sizes, steps
+    )
+
+
+def tiny_model(size: int = SIZE) -> tf_keras.Model:
+    """build_model's structure in miniature: a nested, frozen conv backbone called with training=False."""
+    inputs = tf_keras.Input((size, size, 3))
+    x = inputs
+    for i, width in enumerate((32, 64, 64)):
+        x = tf_keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = tf_keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = tf_keras.layers.ReLU(name=f"relu{i}")(x)
+        x = tf_keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    backbone = tf_keras.Model(inputs, tf_keras.layers.GlobalAveragePooling2D()(x), name="backbone")
+    backbone.trainable = False
+    image = tf_keras.Input((size, size, 3), name="image")
+    metadata = tf_keras.Input((28,), name="metadata")
+    features = backbone(tf_keras.layers.Rescaling(1 / 255.0, name="scale")(image), training=False)
+    image_logits = tf_keras.layers.Dense(8, name="image_logits")(features)
+    hidden = tf_keras.layers.Dense(64, activation="relu", name="metadata_dense")(metadata)
+    metadata_logits = tf_keras.layers.Dense(8, name="metadata_logits")(hidden)
+    probs = FusionLayer(name="fusion")([image_logits, metadata_logits])
+    return tf_keras.Model({"image": image, "metadata": metadata}, probs, name="tiny")
+
+
+def trained_tiny_model(datasets: ToyDatasets, epochs: int = 2) -> tf_keras.Model:
+    tf_keras.utils.set_random_seed(0)
+    model = tiny_model()
+    model.get_layer("backbone").trainable = True  # give the toy backbone real features first
+    compile_model(model, 3e-3)
+    model.fit(datasets.train, epochs=epochs, class_weight=datasets.class_weights, verbose=0)
+    return model
+
+
+class ListTracker:
+    """Stand-in for utilities.tracking.Tracker: keeps the logged rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, metrics: dict[str, Any], step: int | None = None, commit: bool = True) -> None:
+        self.rows.append(dict(metrics))
+
+
+class Folder:
+    """Stand-in for training.RunFolder."""
+
+    def __init__(self, local: Path) -> None:
+        self.local = local
+        self.checkpoints = local / "checkpoints"
+
+    def path(self, *parts: str) -> Path:
+        return self.local.joinpath(*parts)
+
+
+def snapshot(model: tf_keras.Model) -> list[np.ndarray]:
+    return [w.numpy().copy() for w in model.weights]
+
+
+def unchanged(before: list[np.ndarray], model: tf_keras.Model) -> bool:
+    return all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights, strict=True))
+
+
+def student(filters: int = 8, dropout: float = 0.0, seed: int = 0) -> tf_keras.Model:
+    tf_keras.utils.set_random_seed(seed)
+    return mc.build_student(SIZE, filters, dropout)
+
+
+# ---------------------------------------------------------------------- input checks
+
+
+def _config(**compression: Any) -> Config:
+    return Config(data=DataConfig(image_size=SIZE), compression=CompressionConfig(**compression))
+
+
+def test_check_inputs_rejects_bad_combinations_with_one_line_errors(tmp_path):
+    corrupt = tmp_path / "teacher.keras"
+    corrupt.write_bytes(b"not a model")
+    cases = [
+        (_config(distill=True, teacher=str(tmp_path / "missing")), None, ModelError, "does not exist"),
+        (_config(distill=True, teacher=str(corrupt)), None, ModelError, "cannot load"),
+        (_config(teacher=str(corrupt)), None, ConfigError, "--teacher is only used with"),
+        (_config(quantize=("int8",)), 0, ConfigError, "-q int8 need training examples"),
+        (_config(prune=True, quantize=("dynamic",)), 0, ConfigError, "-p need training examples"),
+    ]
+    for config, train_examples, error, text in cases:
+        with pytest.raises(error) as info:
+            mc.check_inputs(config, train_examples)
+        assert text in str(info.value) and "\n" not in str(info.value)
+    mc.check_inputs(_config(quantize=("int8",)), 10)  # fine with data
+    mc.check_inputs(_config(quantize=("dynamic",)), 0)  # dynamic range needs no calibration
+
+
+def test_teacher_with_the_wrong_input_size_is_rejected(tmp_path):
+    path = tmp_path / "teacher"
+    mc.build_student(64, 4).save(str(path))
+    with pytest.raises(ModelError, match=r"takes .* expected") as info:
+        mc.check_inputs(_config(distill=True, teacher=str(path)))
+    assert "\n" not in str(info.value)
+    mc.load_teacher(str(path), 64)  # the right size loads
+
+
+# ---------------------------------------------------------------------- pruning
+
+
+def test_pruning_schedule_reaches_the_target_on_its_last_mask_update():
+    for total in (2, 8, 50, 625, 10_000):
+        schedule = mc.pruning_schedule(0.6, total)
+        should_prune, sparsity = schedule(tf.constant(schedule.end_step, tf.int64))
+        assert bool(should_prune) and float(sparsity) == pytest.approx(0.6)
+        assert 1 <= schedule.end_step <= total * mc.PRUNE_RAMP
+    with pytest.raises(mc.CompressionError, match="at least 2 training steps"):
+        mc.pruning_schedule(0.5, 1)
+
+
+@pytest.mark.slow
+def test_pruning_reaches_target_sparsity_strips_wrappers_and_shrinks_gzip(tmp_path):
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
+
+    datasets = toy_datasets()
+    model = trained_tiny_model(datasets)
+    before = snapshot(model)
+    schedule = mc.pruning_schedule(0.7, datasets.steps_per_epoch["train"] * 2)
+    pruned, wrapped = mc.build_pruned_model(model, schedule)
+    compile_model(pruned, 1e-3)
+    pruned.fit(
+        datasets.train,
+        epochs=2,
+        class_weight=datasets.class_weights,
+        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+        verbose=0,
+    )
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+
+    sparsity = mc.measure_sparsity(stripped, wrapped)
+    # conv0 (864 weights) and the 8-wide heads are below MIN_PRUNE_WEIGHTS; the fusion layer is never wrapped
+    assert set(sparsity) == {"backbone/conv1", "backbone/conv2", "metadata_dense"}
+    # tfmot keeps round(n·(1-s)) weights: the target up to one weight (< 1e-3 for these kernels)
+    assert all(value >= 0.7 - 1e-3 for value in sparsity.values()), sparsity
+    assert not any(isinstance(layer, PruneLowMagnitude) for _, layer in mc.walk_layers(stripped))
+    assert any(isinstance(layer, PruneLowMagnitude) for _, layer in mc.walk_layers(pruned))
+    assert unchanged(before, model)  # the float model is not the one being pruned
+    model.save(str(tmp_path / "float"))
+    stripped.save(str(tmp_path / "pruned"))
+    float_gzip = evaluation.artifact_size(tmp_path / "float")["gzip_bytes"]
+    assert evaluation.artifact_size(tmp_path / "pruned")["gzip_bytes"] < float_gzip
+
+
+# ---------------------------------------------------------------------- distillation: one loss
+
+
+def test_distillation_loss_combines_softened_kl_and_weighted_hard_labels():
+    labels = tf.constant([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0]])
+    teacher = tf.nn.softmax(tf.constant(np.random.default_rng(0).normal(size=(2, 8)), tf.float32))
+    student_probs = tf.nn.softmax(tf.constant(np.random.default_rng(1).normal(size=(2, 8)), tf.float32))
+    weights = [2.0, 1, 3.0, 1, 1, 1, 1, 1]
+    hard = mc.DistillationLoss(4.0, 1.0, weights)(labels, teacher, student_probs).numpy()
+    expected_hard = -np.log(student_probs.numpy()[[0, 1], [0, 2]]) * np.array([2.0, 3.0])
+    np.testing.assert_allclose(hard, expected_hard, rtol=1e-5)
+    # Soft term: KL between p^(1/T)-normalised distributions, times T², zero when student == teacher.
+    soft = mc.DistillationLoss(4.0, 0.0, weights)
+    assert np.allclose(soft(labels, teacher, teacher).numpy(), 0.0, atol=1e-6)
+    p_t = teacher.numpy() ** 0.25 / (teacher.numpy() ** 0.25).sum(1, keepdims=True)
+    p_s = student_probs.numpy() ** 0.25 / (student_probs.numpy() ** 0.25).sum(1, keepdims=True)
+    np.testing.assert_allclose(
+        soft(labels, teacher, student_probs).numpy(), 16 * (p_t * np.log(p_t / p_s)).sum(1), rtol=1e-4
+    )
+    with pytest.raises(ValueError, match="alpha = 1"):
+        soft(labels, None, student_probs)
+
+
+def test_distiller_and_replica_loop_share_one_loss_and_update():
+    datasets = toy_datasets(n_train=16, n_eval=16)
+    batch = next(iter(datasets.train))
+    teacher = student(filters=4, seed=1)
+    loss_fn = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
+    keras_student, loop_student = student(), student()  # same seed: same initial weights
+    loop_student.set_weights(keras_student.get_weights())
+
+    distiller = mc.Distiller(keras_student, teacher, loss_fn)
+    distiller.compile(optimizer=tf_keras.optimizers.Adam(1e-3))
+    keras_loss = float(distiller.train_on_batch(*batch, return_dict=True)["loss"])
+
+    strategy = tf.distribute.get_strategy()
+    loop = mc.ReplicaLoop(loop_student, teacher, loss_fn, strategy, 1e-3)
+    distributed = next(iter(strategy.experimental_distribute_dataset(datasets.train)))
+    loop_loss = loop.train_step(distributed)
+
+    assert loop_loss == pytest.approx(keras_loss, rel=1e-5)
+    for a, b in zip(keras_student.get_weights(), loop_student.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # the same gradient step
+    assert loop.replica_batch_sizes == [[16]]
+
+
+# ---------------------------------------------------------------------- distillation: training paths
+
+
+@pytest.mark.slow
+def test_distiller_keeps_teacher_fixed_logs_epochs_and_saves_a_reloadable_student(tmp_path):
+    datasets = toy_datasets()
+    teacher = trained_tiny_model(datasets)
+    before = snapshot(teacher)
+    pupil, tracker = student(), ListTracker()
+    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
+    summary = mc.train_student(
+        pupil, teacher, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
+        checkpoint_dir=tmp_path / "ckpt", tracker=tracker,
+    )  # fmt: skip
+    assert summary["path"] == "distiller" and summary["epochs_run"] == 2
+    assert unchanged(before, teacher)
+    assert [row["student/epoch"] for row in tracker.rows] == [0, 1]
+    assert {"student/train/loss", "student/val/balanced_accuracy", "student/train/accuracy"} <= set(tracker.rows[0])
+
+    pupil.save(str(tmp_path / "student"))
+    reloaded = load_model(tmp_path / "student")
+    features, _ = next(iter(datasets.val))
+    np.testing.assert_allclose(reloaded(features).numpy(), pupil(features).numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_replica_loop_checkpoints_each_epoch_and_a_rerun_resumes(tmp_path):
+    datasets = toy_datasets(n_train=64, n_eval=32)
+    teacher = student(filters=4, seed=1)
+    before = snapshot(teacher)
+    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
+    common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path / "ckpt", force_loop=True)
+
+    first = mc.train_student(student(), teacher, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
+    tracker = ListTracker()
+    second = mc.train_student(student(seed=5), teacher, loss_fn, datasets, epochs=2, tracker=tracker, **common)
+
+    assert first["resumed_from_epoch"] == 0 and first["epochs_run"] == 1
+    assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
+    assert [row["student/epoch"] for row in tracker.rows] == [1]  # only the missing epoch ran
+    assert unchanged(before, teacher)
+
+
+@pytest.mark.slow
+def test_replica_loop_stops_early_and_restores_the_best_student(tmp_path):
+    datasets = toy_datasets(n_train=64, n_eval=32)
+    pupil = student()
+    loss_fn = mc.DistillationLoss(1.0, 1.0, mc.class_weight_vector(datasets.class_weights))
+    loop = mc.ReplicaLoop(pupil, None, loss_fn, tf.distribute.get_strategy(), learning_rate=0.05)  # a noisy climb
+    scores: list[float] = []
+    summary = loop.fit(
+        datasets, 6, 1, tmp_path / "ckpt", lambda epoch, logs: scores.append(logs["val_balanced_accuracy"])
+    )
+    assert summary["epochs_run"] == len(scores)
+    assert summary["best_val_balanced_accuracy"] == pytest.approx(max(scores))
+    if len(scores) < 6:  # stopped early: the last epoch did not improve on the best
+        assert scores[-1] <= max(scores[:-1])
+    metric = loop.metrics["val"][1]  # BalancedAccuracy of the restored student
+    metric.reset_state()
+    for features, labels in datasets.val:
+        metric.update_state(labels, pupil(features, training=False))
+    assert float(metric.result()) == pytest.approx(max(scores), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_student_epochs_reach_the_wandb_offline_history(tmp_path, monkeypatch):
+    from utilities import tracking
+    from utilities.config import TrackingConfig
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    datasets = toy_datasets(n_train=32, n_eval=16)
+    tracker = tracking.start_tracking(
+        TrackingConfig(enabled=True, mode="offline", wandb_dir=str(tmp_path)), "student-test", "run1", {}, is_chief=True
+    )
+    tracker.log({"epoch/loss": 1.0})  # the main fit already advanced W&B's step
+    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
+    mc.train_student(
+        student(), student(seed=1), loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
+        checkpoint_dir=tmp_path / "ckpt", tracker=tracker, force_loop=True,
+    )  # fmt: skip
+    run_dir = tracker.run_dir
+    tracker.finish(0)
+    rows = [row for row in tracking.read_offline_history(run_dir) if "student/epoch" in row]
+    assert [row["student/epoch"] for row in rows] == [0, 1]
+    assert all({"student/train/loss", "student/val/balanced_accuracy"} <= set(row) for row in rows)
+
+
+# ---------------------------------------------------------------------- two replicas (own process)
+
+_TWO_REPLICAS = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    from utilities import distribution
+    distribution.configure_devices(2)  # before any TensorFlow op
+    import tensorflow as tf
+    from tests.test_compression import Folder, ListTracker, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
+    from utilities import model_compression as mc
+
+    strategy = distribution.build_strategy(2, None)
+    datasets = toy_datasets(n_train=64, n_eval=32, batch=16)
+    out = {{"replicas": strategy.num_replicas_in_sync}}
+    with strategy.scope():
+        teacher = trained_tiny_model(datasets, epochs=1)
+    before = snapshot(teacher)
+
+    # The whole pruning step (clone inside the scope, fine-tune, strip, save) and TFLite export.
+    config = _run_config(prune=True, prune_epochs=2, quantize=("dynamic",))
+    variants = mc.run_variants(config, teacher, datasets, Folder(Path({tmp!r})), strategy, ListTracker())
+    out["variants"] = {{name: {{k: v for k, v in d.items() if not k.startswith("_")}} for name, d in variants.items()}}
+
+    # The per-replica distillation loop, with its batch-size hook.
+    with strategy.scope():
+        student = mc.build_student(32, 8, 0.0)
+    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
+    loop = mc.ReplicaLoop(student, teacher, loss_fn, strategy, 1e-3)
+    logs = []
+    summary = loop.fit(datasets, 2, 0, Path({tmp!r}) / "loop", lambda epoch, row: logs.append(row))
+    out.update(replica_batch_sizes=loop.replica_batch_sizes, teacher_unchanged=unchanged(before, teacher))
+    out.update(summary=summary, logs=logs)
+    print("RESULT " + json.dumps(out, default=str))
+    """
+)
+
+
+@pytest.mark.slow
+def test_pruning_and_distillation_loop_on_two_replicas(tmp_path):
+    script = _TWO_REPLICAS.format(repo=str(REPO), tmp=str(tmp_path))
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=REPO
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    assert out["replicas"] == 2
+    pruned = out["variants"]["pruned"]
+    assert "error" not in pruned, pruned
+    assert len(pruned["sparsity"]) == 3 and min(pruned["sparsity"].values()) >= 0.5 - 1e-3
+    assert "error" not in out["variants"]["pruned_dynamic"], out["variants"]["pruned_dynamic"]
+    assert (tmp_path / "pruned" / "saved_model.pb").exists() and (tmp_path / "model_dynamic.tflite").exists()
+    # 64 examples in global batches of 16: 4 steps per epoch, 8 examples on each replica every step.
+    assert out["replica_batch_sizes"] == [[8, 8]] * 8
+    assert out["teacher_unchanged"]
+    assert all(np.isfinite(logs["loss"]) and np.isfinite(logs["val_loss"]) for logs in out["logs"])
+    assert out["summary"]["path"] == "replica_loop" and out["summary"]["epochs_run"] == 2
+
+
+# ---------------------------------------------------------------------- run_variants
+
+
+def _run_config(**compression: Any) -> Config:
+    return Config(
+        data=DataConfig(image_size=SIZE),
+        model=ModelConfig(weights="none", fcnn_nodes=16, dropout=0.0),
+        train=TrainConfig(batch_size=16, epochs=1, patience=0),
+        compression=CompressionConfig(student_filters=8, **compression),
+    )
+
+
+@pytest.mark.slow
+def test_run_variants_records_a_failing_variant_and_keeps_the_others(tmp_path, monkeypatch, caplog):
+    datasets = toy_datasets(n_train=64, n_eval=32)
+    model = trained_tiny_model(datasets, epochs=1)
+    folder = Folder(tmp_path)
+    model.save(str(folder.path("model")))
+
+    def broken_student(*args, **kwargs):
+        raise RuntimeError("disk full\nsecond line")
+
+    monkeypatch.setattr(mc, "build_student", broken_student)
+    config = _run_config(prune=True, prune_epochs=2, distill=True, quantize=("dynamic",))
+    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
+
+    assert variants["student"] == {"error": "RuntimeError: disk full"}
+    assert "variant student failed: RuntimeError: disk full" in caplog.text
+    assert set(variants) == {"pruned", "student", "model_dynamic", "pruned_dynamic"}
+    for name, artifact in (
+        ("pruned", "pruned"),
+        ("model_dynamic", "model_dynamic.tflite"),
+        ("pruned_dynamic", "pruned_dynamic.tflite"),
+    ):
+        assert folder.path(artifact).exists()
+        assert {"val", "test", "agreement", "gzip_bytes", "latency_ms"} <= set(variants[name])
+    assert min(variants["pruned"]["sparsity"].values()) >= 0.5 - 1e-3
+    assert variants["pruned"]["gzip_ratio_vs_float"] > 1.0
+    assert variants["model_dynamic"]["agreement"] >= 0.9
+    reloaded = load_model(folder.path("pruned"))  # a plain model again: no pruning wrappers to register
+    features, _ = next(iter(datasets.val))
+    np.testing.assert_allclose(reloaded(features).numpy(), variants["pruned"]["_val_probs"][:16], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_run_variants_distills_from_a_teacher_file_and_quantizes_the_student(tmp_path):
+    datasets = toy_datasets(n_train=64, n_eval=32)
+    model = trained_tiny_model(datasets, epochs=1)
+    model.save(str(tmp_path / "teacher"))
+    folder = Folder(tmp_path / "run")
+    config = _run_config(distill=True, teacher=str(tmp_path / "teacher"), student_epochs=2, quantize=("int8",))
+    mc.check_inputs(config, train_examples=64)  # what training.run does before fitting
+    tracker = ListTracker()
+    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), tracker)
+
+    assert set(variants) == {"student", "model_int8", "student_int8"}
+    assert all("error" not in v for v in variants.values()), variants
+    student_variant = variants["student"]
+    assert student_variant["teacher"] == str(tmp_path / "teacher")
+    assert student_variant["training"]["path"] == "distiller" and student_variant["training"]["epochs_run"] == 2
+    assert student_variant["params"] < model.count_params()
+    assert [row["student/epoch"] for row in tracker.rows] == [0, 1]
+    assert load_model(folder.path("student")).name == "student"
+    assert (
+        folder.path("student_int8.tflite").stat().st_size
+        < evaluation.artifact_size(folder.path("student"))["size_bytes"]
+    )
+
+
+@pytest.mark.slow
+def test_densenet_model_pruned_in_backbone_and_heads_shrinks_gzip(tmp_path):
+    """The real model (frozen DenseNet121, random weights, 32 px): the backbone is what gets smaller."""
+    datasets = toy_datasets(n_train=32, n_eval=16)  # 2 steps: the fewest a pruning schedule accepts
+    config = _run_config(prune=True, prune_epochs=1, target_sparsity=0.5)
+    model = build_model(config.model, SIZE)
+    compile_model(model, 1e-3)
+    folder = Folder(tmp_path)
+    model.save(str(folder.path("model")))
+    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
+    pruned = variants["pruned"]
+    assert "error" not in pruned, pruned
+    backbone_layers = [name for name in pruned["sparsity"] if name.startswith("densenet121/")]
+    assert len(backbone_layers) == 120 and "image_logits" in pruned["sparsity"]
+    assert min(pruned["sparsity"].values()) >= 0.5 - 1e-3
+    print(
+        f"\nDenseNet121 32px pruned 50%: gzip {pruned['gzip_bytes']:,} B, ratio vs float {pruned['gzip_ratio_vs_float']}"
+    )
+    assert pruned["gzip_ratio_vs_float"] >= 1.3
+
+
+@pytest.mark.slow
+def test_distilled_and_scratch_students_both_learn(tmp_path, record_property):
+    """Student vs teacher vs the same student from scratch (alpha=1, no teacher); numbers for the report."""
+    datasets = toy_datasets(n_train=192, n_eval=96)
+    teacher = trained_tiny_model(datasets, epochs=4)
+    weights = mc.class_weight_vector(datasets.class_weights)
+    common = dict(strategy=tf.distribute.get_strategy(), epochs=4, patience=0, tracker=ListTracker())
+    distilled, scratch = student(filters=16), student(filters=16)
+    mc.train_student(
+        distilled, teacher, mc.DistillationLoss(4.0, 0.1, weights), datasets, checkpoint_dir=tmp_path / "d", **common
+    )
+    mc.train_student(
+        scratch, None, mc.DistillationLoss(4.0, 1.0, weights), datasets, checkpoint_dir=tmp_path / "s", **common
+    )
+    scores = {
+        name: variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(m), datasets)["test"]["balanced_accuracy"]
+        for name, m in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))
+    }
+    record_property("test_balanced_accuracy", scores)
+    print(f"\ntest balanced accuracy: {scores}")
+    assert scores["distilled"] > 0.3 and scores["scratch"] > 0.3  # chance is 0.125

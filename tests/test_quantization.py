@@ -1,0 +1,99 @@
+"""TFLite export: int8 is ≥ 3.5× smaller and agrees with the float model; every mode runs under LiteRT.
+
+.venv/bin/python -m pytest tests/test_quantization.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Keras 2
+import tf_keras
+
+from tests.test_compression import SIZE, toy_datasets
+from utilities import model_compression as mc
+from utilities import model_quantization as mq
+from utilities import variant_eval
+from utilities.model import compile_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A student-sized model trained to confident predictions on learnable toy data."""
+    datasets = toy_datasets(n_train=192, n_eval=64)
+    tf_keras.utils.set_random_seed(0)
+    model = mc.build_student(SIZE, filters=48, dropout=0.0)  # ~215k weights: TFLite graph overhead is small
+    compile_model(model, 3e-3)
+    model.fit(datasets.train, epochs=4, class_weight=datasets.class_weights, verbose=0)
+    reference = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets)
+    return model, datasets, reference
+
+
+def test_unknown_mode_and_int8_without_training_examples_fail_in_one_line():
+    model = mc.build_student(SIZE, filters=4)
+    with pytest.raises(mq.QuantizationError, match="unknown quantization mode 'int4'"):
+        mq.convert(model, "int4")
+    empty = toy_datasets(n_train=16).train.take(0)
+    for calibration in (None, empty):
+        with pytest.raises(mq.QuantizationError, match="training split is empty") as info:
+            mq.convert(model, "int8", calibration)
+        assert "\n" not in str(info.value)
+
+
+def test_representative_dataset_yields_single_examples_keyed_by_input_name():
+    examples = list(mq.representative_dataset(toy_datasets(n_train=40).train, examples=25)())
+    assert len(examples) == 25
+    assert {name: value.shape for name, value in examples[0].items()} == {
+        "image": (1, SIZE, SIZE, 3),
+        "metadata": (1, 28),
+    }
+    assert all(value.dtype == np.float32 for value in examples[0].values())
+
+
+@pytest.mark.slow
+def test_int8_is_much_smaller_and_agrees_with_the_float_model(trained, tmp_path):
+    model, datasets, reference = trained
+    float_path = mq.export(model, "float32", tmp_path / "model_float32.tflite")
+    int8_path = mq.export(model, "int8", tmp_path / "model_int8.tflite", datasets.train)
+    keras_weight_bytes = 4 * model.count_params()
+
+    ratio = float_path.stat().st_size / int8_path.stat().st_size
+    assert ratio >= 3.5, f"int8 only {ratio:.2f}x smaller than float TFLite"
+    assert keras_weight_bytes / int8_path.stat().st_size >= 3.5
+    result = variant_eval.evaluate_variant(mq.tflite_predict_fn(int8_path), datasets, int8_path, None, reference)
+    print(
+        f"\nint8: {ratio:.2f}x smaller, agreement {result['agreement']:.3f}, val bal acc {result['val']['balanced_accuracy']:.3f}"
+    )
+    assert result["agreement"] >= 0.95
+    assert result["latency_ms"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
+    model, datasets, reference = trained
+    features, _ = next(iter(datasets.val))
+    sizes = {}
+    for mode in ("float32", "float16", "dynamic"):
+        path = mq.export(model, mode, tmp_path / f"model_{mode}.tflite")
+        sizes[mode] = path.stat().st_size
+        probs = mq.tflite_predict_fn(path)(features)
+        assert probs.shape == (len(features["image"]), 8)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+        if mode == "float32":  # the same graph as Keras: same probabilities
+            np.testing.assert_allclose(probs, model(features, training=False).numpy(), atol=1e-5)
+        agreement = variant_eval.evaluate_predict_fn(mq.tflite_predict_fn(path), datasets, reference)["agreement"]
+        assert agreement >= 0.95, (mode, agreement)
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+    assert sizes["dynamic"] < 0.4 * sizes["float32"]
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+@pytest.mark.slow
+def test_a_model_with_an_unsupported_op_fails_with_one_line(tmp_path):
+    inputs = tf_keras.Input((4,), name="x")
+    outputs = tf_keras.layers.Lambda(lambda x: tf.strings.as_string(x))(inputs)  # no TFLite kernel for strings
+    model = tf_keras.Model(inputs, outputs)
+    with pytest.raises(mq.QuantizationError, match="conversion of") as info:
+        mq.export(model, "float32", tmp_path / "bad.tflite")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "bad.tflite").exists()
