@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     import training  # TensorFlow is imported only past this point
 
     try:
-        training.run(config)
+        result = training.run(config)
     except training.INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -253,7 +253,24 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: run failed: {type(exc).__name__}: {first} (use -v for the traceback)", file=sys.stderr)
         return 1
+    print_summary(result)
     return 0
+
+
+def print_summary(result) -> None:
+    """Where everything went, and the headline numbers (stdout, so scripts can read it)."""
+    model = result.metrics["variants"]["model"]
+    print(f"run complete: {result.uri}")
+    for name in ("model", "metrics.json", "report.md", "run.json"):
+        print(f"  {name:<13} {result.uri}/{name}")
+    for split in ("val", "test"):
+        m = model[split]
+        print(
+            f"  {split:<5} balanced accuracy {m['balanced_accuracy']:.3f}  accuracy {m['accuracy']:.3f}  macro F1 {m['macro_f1']:.3f}"
+        )
+    for name, variant in result.metrics["variants"].items():
+        if name != "model" and "val" in variant:
+            print(f"  variant {name}: val balanced accuracy {variant['val']['balanced_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -158,3 +158,29 @@ def test_cluster_roles():
     assert not parse_cluster(json.dumps(two)).is_chief
     two["task"]["index"] = 0
     assert parse_cluster(json.dumps(two)).is_chief and parse_cluster(json.dumps(two)).num_workers == 2
+
+
+@pytest.mark.slow
+def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
+    out = tmp_path / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *TINY]
+    result = run_cli([*args, "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(out, "cmp")
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert {"model", "student", "model_dynamic", "student_dynamic"} <= set(variants), variants.keys()
+    for name in ("student", "model_dynamic", "student_dynamic"):
+        assert "error" not in variants[name], variants[name]
+        assert 0.0 <= variants[name]["agreement"] <= 1.0 and variants[name]["gzip_bytes"] > 0
+    assert (run_dir / "model_dynamic.tflite").stat().st_size < variants["model"]["size_bytes"]
+    assert (run_dir / "student").is_dir()
+    report = (run_dir / "report.md").read_text()
+    assert "student_dynamic" in report and "model_dynamic" in report
+
+
+def test_bad_teacher_path_fails_before_training(prepared, tmp_path):
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(tmp_path / "out"), *TINY]
+    result = run_cli([*args, "-d", "--teacher", str(tmp_path / "nope.keras")], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "teacher" in result.stderr.strip().splitlines()[-1]
+    assert "Epoch 1" not in result.stdout
