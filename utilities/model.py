@@ -159,10 +159,14 @@ KERAS_FILE = "model.keras"  # the model inside a run's model/ folder
 
 
 def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
-    """`folder/model.keras`: config + weights in one zip, seconds to write (a SavedModel takes ~1 min)."""
+    """`folder/model.keras`: config + weights in one zip, seconds to write (a SavedModel takes ~1 min).
+
+    Without optimizer state: Adam's two moments would triple the file of a fine-tuned model, and
+    resuming uses the training checkpoints, not this export.
+    """
     path = Path(folder) / KERAS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path))
+    model.save(str(path), include_optimizer=False)
     return path
 
 
