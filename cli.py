@@ -259,7 +259,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 def print_summary(result) -> None:
     """Where everything went, and the headline numbers (stdout, so scripts can read it)."""
-    model = result.metrics["variants"]["model"]
+    model = result.metrics["variants"].get("model")
+    if model is None:  # a non-chief worker of a multi-worker job: it evaluates and publishes nothing
+        print(f"worker done; the chief publishes {result.uri}")
+        return
     print(f"run complete: {result.uri}")
     for name in ("model", "metrics.json", "report.md", "run.json"):
         print(f"  {name:<13} {result.uri}/{name}")

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import math
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import tf_keras
 
 from utilities import data, distribution, evaluation, storage, tracking, variant_eval
 from utilities.config import Config, ConfigError
-from utilities.model import ModelError, build_model, compile_model, fusion_weights, save_model
+from utilities.model import ModelError, build_model, compile_model, fusion_weights, load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ def run(config: Config) -> RunResult:
     started = _now()
     # ------------------------------------------------------------------ devices and strategy
     cluster = distribution.parse_cluster(config.cluster.tf_config)
+    c = config.compression
+    if cluster.num_workers > 1 and (c.prune or c.distill or c.quantize):
+        # Compression steps evaluate strategy models (collectives on every BatchNorm read); not wired for
+        # several workers yet. Train multi-worker, then compress with --teacher in a single-worker job.
+        raise ConfigError(
+            "-p/-d/-q are not supported with several workers yet; compress in a one-worker job with --teacher"
+        )
     distribution.configure_devices(config.train.gpus, multi_worker=cluster.num_workers > 1)
     strategy = distribution.build_strategy(config.train.gpus, config.cluster.tf_config)
     if config.train.mixed_precision:
@@ -132,10 +140,15 @@ def run(config: Config) -> RunResult:
         lineage["fusion_weights"] = fusion_weights(model)
 
         # -------------------------------------------------------------- evaluate and export
+        # Every worker saves (saving reads synced variables: collective ops); a non-chief copy is discarded.
         save_model(model, folder.path("model"))
         metrics = {"headline": "balanced_accuracy", "variants": {}}
-        metrics["variants"]["model"] = variant_eval.evaluate_keras(model, datasets, folder.path("model"))
-        log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
+        if cluster.is_chief:
+            # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
+            # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
+            evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
+            metrics["variants"]["model"] = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"))
+            log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
 
         # -------------------------------------------------------------- compression variants
         metrics["variants"].update(run_compression(config, model, datasets, folder, strategy, tracker, metrics))
@@ -148,6 +161,10 @@ def run(config: Config) -> RunResult:
     except BaseException:
         tracker.finish(1)
         raise
+    finally:
+        if not folder.publish:  # a non-chief worker's copy of the outputs
+            shutil.rmtree(folder.local, ignore_errors=True)
+    distribution.wait_for_workers(strategy)  # other workers exit only once the chief has published
     return RunResult(uri=folder.uri, local_dir=folder.local, metrics=metrics, lineage=lineage)
 
 
@@ -155,19 +172,26 @@ def run(config: Config) -> RunResult:
 
 
 def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
-    """Where this run writes; refuses to touch a run that is already complete."""
+    """Where this run writes; refuses to touch a run that is already complete.
+
+    A non-chief worker writes into a temporary folder that is never published, but shares the chief's
+    checkpoint folder: BackupAndRestore makes every worker restore from the chief's backup there
+    (a worker that restored nothing would start over, out of step with the chief), and writes its own
+    into a `workertemp_N` subfolder that it deletes again.
+    """
     uri = config.output.run_uri
-    if not is_chief:
-        return RunFolder(local=Path(tempfile.mkdtemp(prefix="dermaid-worker-")), uri=uri, publish=False)
-    storage.check_writable(config.output.output)
-    if storage.exists(storage.join(uri, "run.json")):
-        raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
-    if storage.is_gcs(uri):
-        local = Path(config.output.staging_dir) / config.output.model_name / config.output.run_id
-    else:
+    local = Path(config.output.staging_dir) / config.output.model_name / config.output.run_id
+    if not storage.is_gcs(uri):
         local = Path(uri)
-    local.mkdir(parents=True, exist_ok=True)
-    folder = RunFolder(local=local, uri=uri, publish=True)
+    if is_chief:
+        storage.check_writable(config.output.output)
+        if storage.exists(storage.join(uri, "run.json")):
+            raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
+        local.mkdir(parents=True, exist_ok=True)
+        folder = RunFolder(local=local, uri=uri, publish=True)
+    else:
+        folder = RunFolder(local=Path(tempfile.mkdtemp(prefix="dermaid-worker-")), uri=uri, publish=False)
+        folder.checkpoints = local / "checkpoints"
     if config.output.checkpoint_dir:
         folder.checkpoints = (
             Path(local_mount(config.output.checkpoint_dir)) / config.output.model_name / config.output.run_id
@@ -267,7 +291,7 @@ def run_compression(config: Config, model, datasets, folder: RunFolder, strategy
         return {}
     from utilities import model_compression
 
-    reference = metrics["variants"]["model"]  # float model's predictions, for top-1 agreement
+    reference = metrics["variants"].get("model")  # float model's predictions (chief only), for top-1 agreement
     return model_compression.run_variants(config, model, datasets, folder, strategy, tracker, reference=reference)
 
 

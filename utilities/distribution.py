@@ -82,8 +82,32 @@ def build_strategy(gpus: int, tf_config: str | None) -> tf.distribute.Strategy:
         if len(devices) < gpus:
             raise DeviceError(f"--gpus {gpus} asked, but only {len(devices)} {kind} device(s) are available")
         strategy = tf.distribute.MirroredStrategy(devices)
-    log.info("strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    log.info("strategy %s with %d replica(s)", strategy_name(strategy), strategy.num_replicas_in_sync)
     return strategy
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public name: MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
+def wait_for_workers(strategy: tf.distribute.Strategy) -> None:
+    """Block until every worker of a multi-worker job gets here (one tiny all-reduce); else a no-op.
+
+    A worker that exits while the chief still evaluates and uploads stops sending heartbeats: the
+    chief's coordination service then reports it as crashed and aborts every later collective op.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+
+    @tf.function
+    def all_reduce_one() -> tf.Tensor:
+        ones = strategy.run(tf.ones, args=([],))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+    all_reduce_one()
 
 
 def _resolver(tf_config: str) -> tf.distribute.cluster_resolver.ClusterResolver:
@@ -100,7 +124,7 @@ def _resolver(tf_config: str) -> tf.distribute.cluster_resolver.ClusterResolver:
 def device_summary(strategy: tf.distribute.Strategy) -> dict:
     """For run.json: strategy, replicas and the devices this process sees."""
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": strategy_name(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
         "logical_devices": [d.name for d in tf.config.list_logical_devices()],
