@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--no-augment", dest="augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
     )
+    data.add_argument(
+        "--cache-features",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compute frozen-backbone features once (auto: frozen backbone and --no-augment; on: also K augmented views)",
+    )
     data.add_argument("--shuffle-buffer", type=int, default=2048, help="examples in the shuffle buffer")
 
     model = parser.add_argument_group("Model")
@@ -175,6 +181,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
             image_size=args.image_size,
             augment=args.augment,
             shuffle_buffer=args.shuffle_buffer,
+            cache_features=args.cache_features,
         ),
         model=ModelConfig(
             weights=args.weights,

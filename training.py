@@ -24,7 +24,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities import data, distribution, evaluation, storage, tracking, variant_eval
+from utilities import data, distribution, evaluation, feature_cache, storage, tracking, variant_eval
 from utilities.config import Config, ConfigError
 from utilities.model import ModelError, build_model, compile_model, fusion_weights, load_model, save_model
 
@@ -134,7 +134,7 @@ def run(config: Config) -> RunResult:
         log.info("model: %s parameters (%s trainable)", f"{model.count_params():,}", f"{_trainable(model):,}")
 
         # -------------------------------------------------------------- train (resumes from backup)
-        resumed_from = fit(model, datasets, config, folder, tracker)
+        resumed_from = fit(model, datasets, config, folder, tracker, strategy)
         history = read_history(folder.path("history.csv"))
         lineage["training"] = {"resumed_from_epoch": resumed_from, "epochs_run": len(history.get("loss", []))}
         lineage["fusion_weights"] = fusion_weights(model)
@@ -234,8 +234,13 @@ class ResumeProbe(tf_keras.callbacks.Callback):
             self.start_epoch = epoch
 
 
-def fit(model, datasets, config: Config, folder: RunFolder, tracker) -> int:
-    """Train with class weights; return the epoch training started from (0 unless resumed)."""
+def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -> int:
+    """Train with class weights; return the epoch training started from (0 unless resumed).
+
+    With a frozen backbone and no augmentation (or --cache-features on), the backbone's features are
+    computed once and only the head trains; the head shares the full model's layer objects, so the
+    full model ends up trained and is what gets exported.
+    """
     probe = ResumeProbe()
     callbacks = [
         # Backup first so its restore happens before other callbacks see the epoch.
@@ -255,9 +260,18 @@ def fit(model, datasets, config: Config, folder: RunFolder, tracker) -> int:
         )
     if config.output.tensorboard_dir:
         callbacks.append(tf_keras.callbacks.TensorBoard(local_mount(config.output.tensorboard_dir)))
-    model.fit(
-        datasets.train,
-        validation_data=datasets.val,
+    trainee, train_data, val_data, steps = model, datasets.train, datasets.val, None
+    if feature_cache.should_cache(config):
+        with strategy.scope():
+            trainee = feature_cache.head_model(model)
+            compile_model(trainee, config.train.learning_rate, jit=config.train.jit)
+        cached = feature_cache.cache_datasets(model, datasets, config)
+        train_data, val_data, steps = cached.train, cached.val, cached.steps_per_epoch
+        log.info("training the head on cached backbone features (%d view(s))", cached.views)
+    trainee.fit(
+        train_data,
+        validation_data=val_data,
+        steps_per_epoch=steps,
         epochs=config.train.epochs,
         class_weight=datasets.class_weights,
         callbacks=callbacks,

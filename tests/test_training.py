@@ -70,8 +70,9 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
     assert SECRET not in first.stdout + first.stderr
 
     # A second run never overwrites the first.
-    second = run_cli([*args, "-e", "1"], tmp_path)
+    second = run_cli([*args, "-e", "1", "--no-augment"], tmp_path)  # frozen + no augmentation: feature cache
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "cached backbone features" in second.stderr
     assert len(list((out / "e2e").iterdir())) == 2
 
 

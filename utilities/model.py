@@ -166,7 +166,9 @@ def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
     """
     path = Path(folder) / KERAS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path), include_optimizer=False)
+    # A fresh functional wrapper over the same layers has no optimizer attached (the .keras format
+    # has no include_optimizer switch).
+    tf_keras.Model(inputs=model.input, outputs=model.output, name=model.name).save(str(path))
     return path
 
 
