@@ -163,6 +163,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self) -> None:
+        _check(
+            not (self.data.cache_features == "on" and self.model.fine_tune),
+            "--cache-features on needs a frozen backbone; drop --fine-tune or use --cache-features auto",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

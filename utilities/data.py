@@ -316,40 +316,64 @@ class Augmentation:
     zoom: float = 0.1  # max relative change of scale (0.1 → 0.9×..1.1×)
 
 
-def _affine(batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, aug: Augmentation, seeds: tf.Tensor) -> tf.Tensor:
-    """Per-image transforms [B, 8] mapping output pixel → input pixel (ImageProjectiveTransformV3 convention)."""
+def _affine(
+    batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, aug: Augmentation, seeds: tf.Tensor, flips: tf.Tensor
+) -> tf.Tensor:
+    """Per-image transforms [B, 8] mapping output pixel → input pixel (ImageProjectiveTransformV3 convention).
+
+    `flips` bool [B, 2] (left-right, up-down) mirror the input image first, folded into the same
+    transform: x_in → (W-1) - x_in is a sign change plus an offset, so a flip costs nothing extra.
+    """
     angle = tf.random.stateless_uniform([batch], seeds[0], -aug.rotation * 2 * math.pi, aug.rotation * 2 * math.pi)
     scale = tf.random.stateless_uniform([batch], seeds[1], 1 - aug.zoom, 1 + aug.zoom)  # > 1 zooms in
     tx = tf.random.stateless_uniform([batch], seeds[2], -aug.shift, aug.shift) * width
     ty = tf.random.stateless_uniform([batch], seeds[3], -aug.shift, aug.shift) * height
     cx, cy = (width - 1) / 2, (height - 1) / 2  # rotate and zoom about the image centre
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    sign = tf.where(flips, -1.0, 1.0)  # [B, 2]
+    offset = tf.where(flips, tf.stack([width - 1, height - 1]), 0.0)  # [B, 2]
+    sx, sy, ox, oy = sign[:, 0], sign[:, 1], offset[:, 0], offset[:, 1]
     zero = tf.zeros_like(angle)
     return tf.stack(
-        [cos, -sin, cx - cos * cx + sin * cy - tx, sin, cos, cy - sin * cx - cos * cy - ty, zero, zero], axis=1
+        [
+            sx * cos,
+            -sx * sin,
+            sx * (cx - cos * cx + sin * cy - tx) + ox,
+            sy * sin,
+            sy * cos,
+            sy * (cy - sin * cx - cos * cy - ty) + oy,
+            zero,
+            zero,
+        ],
+        axis=1,
     )
 
 
 def augment_images(images: tf.Tensor, seed: tf.Tensor, aug: Augmentation = Augmentation()) -> tf.Tensor:
-    """float32 [B,H,W,3] → same shape, randomly flipped/rotated/shifted/zoomed; `seed` int [2] (stateless ops)."""
+    """float32 [B,H,W,3] → same shape, randomly flipped/rotated/shifted/zoomed; `seed` int [2] (stateless ops).
+
+    One bilinear resampling per batch does all of it: the flips are folded into the affine transform
+    (mirroring with tf.reverse + tf.where cost as much as the whole transform).
+    """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
     shape = tf.shape(images)
     batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
     if aug.flip:
-        left_right = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < 0.5
-        up_down = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[5]) < 0.5
-        images = tf.where(left_right, tf.reverse(images, [2]), images)
-        images = tf.where(up_down, tf.reverse(images, [1]), images)
-    if aug.rotation or aug.shift or aug.zoom:
-        images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images,
-            transforms=_affine(batch, height, width, aug, seeds),
-            output_shape=shape[1:3],
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="REFLECT",  # no black corners: the skin continues
-        )
-    return images
+        left_right = tf.random.stateless_uniform([batch], seeds[4]) < 0.5
+        up_down = tf.random.stateless_uniform([batch], seeds[5]) < 0.5
+        flips = tf.stack([left_right, up_down], axis=1)  # [B, 2]
+    else:
+        flips = tf.zeros([batch, 2], tf.bool)
+    if not (aug.flip or aug.rotation or aug.shift or aug.zoom):
+        return images
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=_affine(batch, height, width, aug, seeds, flips),
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",  # no black corners: the skin continues
+    )
 
 
 def make_augmenter(aug: Augmentation = Augmentation()) -> Callable[..., tuple[dict[str, tf.Tensor], tf.Tensor]]:

@@ -1,0 +1,78 @@
+"""Benchmarks run end to end on tiny data and write the JSON others read (no timing assertions).
+
+.venv/bin/python -m pytest tests/test_bench.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import all as bench_all
+from bench import common, compression, pipeline
+
+
+@pytest.mark.slow
+def test_pipeline_bench_writes_its_json(prepared, tmp_path, capsys):
+    out = tmp_path / "pipeline.json"
+    argv = ["--manifest", str(prepared.manifest_path), "--image-size", "32", "--batch-size", "16"]
+    argv += ["--modes", "frozen", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert pipeline.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "data", "results", "ratios", "targets", "seconds"} <= set(result)
+    assert set(result["results"]) == {"pipeline", "naive", "model_frozen"}
+    for stats in result["results"].values():
+        assert set(stats) == {"median", "min", "max", "spread", "repeats", "samples"}
+        assert stats["median"] > 0 and stats["repeats"] == 1
+    assert set(result["ratios"]) == {"margin_vs_model_frozen", "speedup_vs_naive"}
+    assert result["targets"] == {"margin_vs_model_frozen": pipeline.MARGIN_TARGET}
+    assert result["machine"]["cpus_usable"] >= 1
+    assert "margin_vs_model_frozen" in capsys.readouterr().out  # the table
+
+
+def test_a_missing_manifest_is_a_one_line_error_and_exit_2(tmp_path, capsys):
+    argv = ["--manifest", str(tmp_path / "none.pickle"), "--out", str(tmp_path / "x.json")]
+    assert pipeline.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bench.pipeline: manifest") and "\n" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_compare_runs_sides_round_robin_and_summarises_rates():
+    order: list[str] = []
+
+    def side(name: str, examples: int):
+        return lambda: order.append(name) or examples
+
+    stats = common.compare({"a": side("a", 4), "b": lambda: (order.append("b"), (6, 2.0))[1]}, warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4  # warm-up round, then three measured rounds, interleaved
+    assert stats["b"].median == pytest.approx(3.0) and stats["b"].spread == 0.0  # self-timed: 6 examples in 2 s
+    assert stats["a"].repeats == 3 and stats["a"].min <= stats["a"].median <= stats["a"].max
+    assert common.ratio(stats["b"], common.Stats.of([1.5, 3.0, 6.0])) == pytest.approx(1.0)  # per-round: 2, 1, 0.5
+
+
+def test_all_checks_each_ratio_against_its_target():
+    payloads = {
+        "cache": {"ratios": {"cached_epoch_speedup": 25.0}, "targets": {"cached_epoch_speedup": 20.0}},
+        "training": {"ratios": {"pipeline_vs_memory_frozen": 0.9}, "targets": {"pipeline_vs_memory_frozen": 0.95}},
+        "mfu": {"mfu": {}},
+    }
+    met = {(c["benchmark"], c["met"]) for c in bench_all.checks(payloads)}
+    assert met == {("cache", True), ("training", False)}
+
+
+def test_compression_table_from_a_runs_metrics(tmp_path, capsys):
+    metrics = {
+        "variants": {
+            "model": {"latency_ms": {"median": 60.0, "p90": 70.0}, "size_bytes": 36_000_000, "gzip_bytes": 25_000_000},
+            "model_int8": {"latency_ms": {"median": 5.0, "p90": 6.0}, "size_bytes": 7_300_000, "gzip_bytes": 7_000_000},
+            "student": {"error": "CompressionError: boom"},
+        }
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "compression.json"
+    assert compression.main(["--metrics", str(tmp_path / "metrics.json"), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| model_int8 | 5 | 6 | 7.30 | 7.00 |" in table and "CompressionError: boom" in table
+    assert json.loads(out.read_text())["variants"]["model"]["latency_ms"]["median"] == 60.0
