@@ -315,7 +315,15 @@ def run_compression(config: Config, model, datasets, folder: RunFolder, strategy
 def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracker) -> None:
     clean = variant_eval.public(metrics)
     _write_json(folder.path("metrics.json"), clean)
-    report = evaluation.write_report(folder.local, clean, lineage, history)
+    summary = {
+        **lineage,
+        "data_tag": lineage["data"]["tag"],
+        "manifest_sha256": lineage["data"]["manifest_sha256"],
+        "git_commit": lineage["code"]["git_commit"],
+        "start_time": lineage["started"],
+        "end_time": lineage.get("finished"),
+    }
+    report = evaluation.write_report(folder.local, clean, summary, history)
     headline = clean["variants"]["model"]["val"]["balanced_accuracy"]
     tracker.log_summary(
         {
