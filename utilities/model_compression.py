@@ -99,7 +99,7 @@ def load_teacher(path: str, image_size: int) -> tf_keras.Model:
     except ModelError:
         raise
     except Exception as exc:  # a corrupt file raises zipfile/h5py/protobuf errors, not just OSError
-        raise ModelError(f"cannot load --teacher {path}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load --teacher {path}: {model_quantization.first_line(exc)}") from exc
     shapes = {tensor.name.split(":")[0]: tuple(tensor.shape[1:]) for tensor in teacher.inputs}
     expected = {"image": (image_size, image_size, 3), "metadata": (METADATA_SIZE,)}
     if shapes != expected or tuple(teacher.output_shape[1:]) != (NUM_CLASSES,):
@@ -189,7 +189,7 @@ def guarded(name: str, produce: Callable[[], dict[str, dict[str, Any]]]) -> dict
     try:
         return produce()
     except Exception as exc:
-        message = f"{type(exc).__name__}: {_first_line(exc)}"
+        message = f"{type(exc).__name__}: {model_quantization.first_line(exc)}"
         log.error("variant %s failed: %s", name, message)
         log.debug("variant %s traceback", name, exc_info=True)
         return {name: {"error": message}}
@@ -834,11 +834,6 @@ class QuantizationStep(CompressionStep):
         result.update(source=source, mode=mode)
         _add_size_ratio(result, ctx.reference)
         return result
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

@@ -89,7 +89,7 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError, RuntimeError, …
-        raise QuantizationError(f"TFLite {mode} conversion of {model.name!r} failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"TFLite {mode} conversion of {model.name!r} failed: {first_line(exc)}") from exc
 
 
 def export(model: tf_keras.Model, mode: str, path: Path, calibration: tf.data.Dataset | None = None) -> Path:
@@ -111,7 +111,7 @@ def signature_runner(path: Path) -> Any:
     try:
         return Interpreter(model_path=str(path)).get_signature_runner()
     except (ValueError, RuntimeError) as exc:
-        raise QuantizationError(f"cannot load TFLite model {path}: {_first_line(exc)}") from exc
+        raise QuantizationError(f"cannot load TFLite model {path}: {first_line(exc)}") from exc
 
 
 def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
@@ -134,7 +134,8 @@ def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
     return predict
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """First line of an exception's message (or its type name): error messages stay one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
