@@ -277,6 +277,38 @@ def test_train_order_changes_every_epoch_and_val_order_is_stable(prepared: Prepa
     assert val.tolist() == [_label_of(r) for r in _records(prepared.manifest["val"])]  # file order
 
 
+def test_raw_shards_are_parsed_by_the_batch_and_give_the_example_by_example_result(prepared: Prepared) -> None:
+    paths = list(prepared.manifest["val"])
+    assert data.first_record_is_raw(paths, 32) and not data.first_record_is_raw(paths, 16)  # 16: must resize
+    records = tf.data.TFRecordDataset(paths)
+    batched = list(data.parse_batches(records, 32, 16, raw=True))
+    one_by_one = list(data.parse_batches(records, 32, 16, raw=False))
+    assert len(batched) == len(one_by_one) == math.ceil(len(_records(paths)) / 16)
+    for (features, labels), (expected, expected_labels) in zip(batched, one_by_one, strict=True):
+        for key in ("image", "metadata"):
+            np.testing.assert_array_equal(features[key].numpy(), expected[key].numpy())
+        np.testing.assert_array_equal(labels.numpy(), expected_labels.numpy())
+
+
+@pytest.mark.parametrize("encoding", ["JPEG", "raw 40 px"])
+def test_splits_of_other_images_are_read_one_by_one_and_a_mixed_raw_split_fails_clearly(
+    prepared: Prepared, tmp_path: Path, encoding: str
+) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    other = _example(buffer.getvalue() if encoding == "JPEG" else pixels.tobytes(), [0] * 28, one_hot(3))
+    raw = _records(prepared.manifest["train"])[:5]
+    other_first = _write_shard(tmp_path / "other_first.tfrecords", [other, *raw])
+    assert not data.first_record_is_raw([other_first], 32)
+    built = build_datasets({**_shards(prepared), "val": [other_first]}, image_size=32, global_batch_size=4, seed=0)
+    assert [int(labels.shape[0]) for _, labels in built.val] == [4, 2]  # read one by one: resized / decoded
+    raw_first = _write_shard(tmp_path / "raw_first.tfrecords", [*raw, other])
+    built = build_datasets({**_shards(prepared), "val": [raw_first]}, image_size=32, global_batch_size=4, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not raw uint8 32x32x3 like the first record"):
+        list(built.val)
+
+
 def test_class_weights_come_from_train_only(prepared: Prepared, tmp_path: Path) -> None:
     counts = prepared.manifest["counts"]["train"]
     total = sum(counts.values())
