@@ -96,8 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "-g", "--gpus", type=int, default=1, help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
     )
-    train.add_argument("--mixed-precision", action="store_true", help="mixed_float16 compute, float32 outputs")
-    train.add_argument("--jit", action="store_true", help="XLA-compile the training step")
+    train.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="train with mixed_float16 compute and dynamic loss scaling (float32 outputs; exports stay float32)",
+    )
+    train.add_argument(
+        "--jit",
+        action="store_true",
+        help="XLA-compile the Keras training steps (model, pruning, 1-replica distillation); CPU: only with -g 1",
+    )
 
     comp = parser.add_argument_group("Compression")
     comp.add_argument("-p", "--prune", action="store_true", help="magnitude pruning fine-tune of the trained model")
@@ -240,6 +248,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if not args.verbose:  # TensorFlow's own INFO chatter (sharding callbacks, asset writes)
         for name in ("absl", "tensorflow", "h5py"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("matplotlib", "PIL"):  # font-matching and plugin debug lines, hundreds per report
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = config_from_args(args, env)
     except (ConfigError, ValueError) as exc:

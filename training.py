@@ -90,7 +90,7 @@ def run(config: Config) -> RunResult:
         raise ConfigError(
             "-p/-d/-q are not supported with several workers yet; compress in a one-worker job with --teacher"
         )
-    distribution.configure_devices(config.train.gpus, multi_worker=cluster.num_workers > 1)
+    distribution.configure_devices(config.train.gpus, multi_worker=cluster.num_workers > 1, jit=config.train.jit)
     strategy = distribution.build_strategy(config.train.gpus, config.cluster.tf_config)
     if config.train.mixed_precision:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")

@@ -216,6 +216,29 @@ def test_pruned_copy_predicts_like_the_float_model_before_any_pruning_step():
         assert len(wrapped) == 3
 
 
+def test_a_mixed_precision_model_is_pruned_in_float32_and_pruning_and_distillation_run_under_xla(
+    mixed_precision, tmp_path
+):
+    """tfmot's masks are float32: the pruned copy of a mixed-precision model computes in float32."""
+    import tensorflow_model_optimization as tfmot
+
+    datasets = toy_datasets(n_train=32, n_eval=16)
+    model = tiny_model()
+    assert model.get_layer("image_logits").compute_dtype == "float16"
+    pruned, layer_ids = mc.build_pruned_model(model, mc.pruning_schedule(0.5, 4))
+    assert {layer.compute_dtype for _, layer in mc.walk_layers(pruned)} == {"float32"}
+    compile_model(pruned, 1e-4, jit=True)  # as the pruning step compiles it under --jit
+    pruned.fit(datasets.train, epochs=2, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
+    assert mc.overall_sparsity(tfmot.sparsity.keras.strip_pruning(pruned), layer_ids) == pytest.approx(0.5, abs=0.01)
+
+    loss_fn = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
+    summary = mc.train_student(
+        student(), model, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=1, patience=0,
+        checkpoint_dir=tmp_path, tracker=ListTracker(), jit=True,
+    )  # fmt: skip
+    assert summary["epochs_run"] == 1
+
+
 def test_pruning_fine_tunes_at_a_tenth_of_the_rate_with_batchnorm_as_the_backbone_was_trained(tmp_path):
     """The demo-data collapse (val balanced accuracy 0.77 → 0.125): full training rate, BatchNorm frozen."""
     datasets = toy_datasets(n_train=32, n_eval=16)
@@ -307,6 +330,43 @@ def test_distiller_and_replica_loop_share_one_loss_and_update():
     for a, b in zip(keras_student.get_weights(), loop_student.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # the same gradient step
     assert loop.replica_batch_sizes == [[16]]
+
+
+def test_mixed_precision_student_outputs_float32_and_both_paths_scale_the_loss(mixed_precision):
+    """A loss of 1e-5 × the real one: its float16 gradients underflow to 0 without loss scaling (so
+    Adam would leave the weights where they are); with scaling both training paths move them alike."""
+    datasets = toy_datasets(n_train=16, n_eval=16)
+    batch = next(iter(datasets.train))
+    real = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
+
+    def tiny_loss(labels, teacher_probs, student_probs):
+        return 1e-5 * real(labels, teacher_probs, student_probs)
+
+    teacher = student(filters=4, seed=1)
+    keras_student, loop_student = student(), student()
+    loop_student.set_weights(keras_student.get_weights())
+    conv = keras_student.get_layer("block1_conv")
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == tf.float32  # float32 master weights
+    assert keras_student(batch[0], training=False).dtype == tf.float32  # the fusion layer stays float32
+    before = conv.kernel.numpy().copy()
+    with tf.GradientTape() as tape:  # the premise: unscaled, every gradient of the first conv is 0
+        loss, _ = mc.batch_loss(keras_student, teacher, tiny_loss, batch[0], batch[1], None, True)
+    assert not np.any(tape.gradient(loss, conv.kernel).numpy())
+
+    distiller = mc.Distiller(keras_student, teacher, tiny_loss)
+    distiller.compile(optimizer=tf_keras.optimizers.Adam(1e-3))
+    distiller.train_on_batch(*batch)
+    strategy = tf.distribute.get_strategy()
+    loop = mc.ReplicaLoop(loop_student, teacher, tiny_loss, strategy, 1e-3)
+    loop.train_step(next(iter(strategy.experimental_distribute_dataset(datasets.train))))
+
+    for optimizer in (distiller.optimizer, loop.optimizer):
+        assert isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+    moved = np.abs(conv.kernel.numpy() - before)
+    assert np.all(moved > 0) and np.median(moved) > 1e-5
+    np.testing.assert_allclose(
+        loop_student.get_layer("block1_conv").kernel.numpy(), conv.kernel.numpy(), rtol=1e-3, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------- distillation: training paths

@@ -9,7 +9,17 @@ import tensorflow as tf
 import tf_keras
 
 from utilities.config import ModelConfig
-from utilities.model import BalancedAccuracy, FusionLayer, ModelError, build_model, compile_model, fusion_weights
+from utilities.model import (
+    BalancedAccuracy,
+    FusionLayer,
+    ModelError,
+    build_model,
+    compile_model,
+    float32_copy,
+    fusion_weights,
+    load_model,
+    save_model,
+)
 
 
 def _batch(n=8, size=32, seed=0):
@@ -74,6 +84,29 @@ np.testing.assert_allclose(model.predict(x, verbose=0), np.load({str(tmp_path / 
 assert m.fusion_weights(model) is not None
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+
+
+def test_a_mixed_precision_model_trains_and_exports_a_float32_twin(mixed_precision, tmp_path):
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), image_size=32)
+    compile_model(model, 1e-3)
+    assert isinstance(model.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)  # Keras scales the loss
+    features, labels = _batch()
+    model.train_on_batch(features, labels)
+    backbone = model.get_layer("densenet121")
+    conv = next(layer for layer in backbone.layers if isinstance(layer, tf_keras.layers.Conv2D))
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == tf.float32  # float32 master weights
+    probs = model(features, training=False)
+    assert probs.dtype == tf.float32  # the fusion layer computes in float32
+
+    twin = float32_copy(model)
+    assert twin is not model and float32_copy(twin) is twin
+    assert {layer.compute_dtype for layer in twin.get_layer("densenet121").layers} == {"float32"}
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(twin(features, training=False).numpy(), probs.numpy(), atol=2e-2)
+    reloaded = load_model(save_model(model, tmp_path / "model"))  # exports are the float32 twin
+    assert {layer.compute_dtype for layer in reloaded.get_layer("densenet121").layers} == {"float32"}
+    np.testing.assert_allclose(reloaded.predict(features, verbose=0), twin(features).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_weights_path_is_one_line_error(tmp_path):

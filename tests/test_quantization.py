@@ -88,6 +88,16 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
 
 
+def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precision, tmp_path):
+    datasets = toy_datasets(n_train=32, n_eval=16)
+    tf_keras.utils.set_random_seed(0)
+    model = mc.build_student(SIZE, filters=8, dropout=0.0)
+    assert model.get_layer("block1_conv").compute_dtype == "float16"
+    features, _ = next(iter(datasets.val))
+    path = mq.export(model, "dynamic", tmp_path / "student_dynamic.tflite")  # float16 ops have no TFLite kernels
+    np.testing.assert_allclose(mq.tflite_predict_fn(path)(features), model(features).numpy(), atol=2e-2)
+
+
 @pytest.mark.slow
 def test_a_model_with_an_unsupported_op_fails_with_one_line(tmp_path):
     inputs = tf_keras.Input((4,), name="x")

@@ -151,6 +151,13 @@ def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
         distribution.configure_devices(4)
 
 
+def test_jit_with_several_cpu_replicas_is_an_error():
+    from utilities import distribution
+
+    with pytest.raises(distribution.DeviceError, match="--jit with --gpus 2 needs GPUs"):
+        distribution.configure_devices(2, jit=True)  # raises before any device is configured
+
+
 def test_cluster_roles():
     from utilities.distribution import parse_cluster
 
@@ -177,6 +184,32 @@ def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
     assert (run_dir / "student").is_dir()
     report = (run_dir / "report.md").read_text()
     assert "student_dynamic" in report and "model_dynamic" in report
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_two_replicas_scales_the_student_loss_and_exports_float32(prepared, tmp_path):
+    out = tmp_path / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "mp", "-e", "1", *TINY]
+    # No -q here: converting DenseNet to TFLite costs ~45 s; the mixed-precision conversion is a unit test.
+    flags = ["--mixed-precision", "-g", "2", "-d", "--student-epochs", "1", "--student-filters", "8"]
+    result = run_cli([*args, *flags], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(out, "mp")
+    assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["mixed_precision"] is True
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert set(variants) == {"model", "student"} and "(replica_loop)" in result.stderr
+    for name, variant in variants.items():
+        assert "error" not in variant, (name, variant)
+        assert 0.0 <= variant["val"]["balanced_accuracy"] <= 1.0
+    check = (
+        "import numpy as np, utilities.model as m\n"
+        "for name in ('model', 'student'):\n"
+        f"    model = m.load_model({str(run_dir)!r} + '/' + name)\n"
+        "    assert {l.compute_dtype for l in model.layers if l.weights} == {'float32'}, name\n"
+        "    p = model.predict({'image': np.zeros((2, 32, 32, 3), 'float32'), 'metadata': np.zeros((2, 28), 'float32')}, verbose=0)\n"
+        "    assert p.dtype == np.float32 and np.all(np.isfinite(p)), name\n"
+    )
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, capture_output=True, timeout=300)
 
 
 def test_bad_teacher_path_fails_before_training(prepared, tmp_path):

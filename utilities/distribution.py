@@ -51,7 +51,7 @@ def parse_cluster(tf_config: str | None) -> Cluster:
         raise DeviceError(f"TF_CONFIG is not valid cluster JSON: {exc}") from exc
 
 
-def configure_devices(gpus: int, multi_worker: bool = False) -> None:
+def configure_devices(gpus: int, multi_worker: bool = False, jit: bool = False) -> None:
     """On a machine without GPUs, split the CPU into `gpus` logical devices (only when gpus > 1)."""
     physical_gpus = tf.config.list_physical_devices("GPU")
     if physical_gpus:
@@ -60,6 +60,10 @@ def configure_devices(gpus: int, multi_worker: bool = False) -> None:
         for gpu in physical_gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
         return
+    if gpus > 1 and not multi_worker and jit:
+        # XLA compiles a replica's step for one device; on logical CPU devices the replicas' variables
+        # sit on the other logical devices and the compiled step cannot reach them.
+        raise DeviceError(f"--jit with --gpus {gpus} needs GPUs; on CPU use --gpus 1 with --jit, or drop --jit")
     if gpus > 1 and not multi_worker:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:

@@ -12,7 +12,10 @@ this module is imported (`import utilities.model`); a SavedModel export (for ser
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 import tf_keras
@@ -155,6 +158,50 @@ def fusion_weights(model: tf_keras.Model) -> dict[str, float] | None:
     return None
 
 
+@contextmanager
+def float32_policy() -> Iterator[None]:
+    """Layers built inside compute in float32, whatever the global (mixed precision) policy."""
+    previous = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        tf_keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_config(config: Any) -> Any:
+    """A layer/model config with every mixed-precision dtype policy replaced by float32 (recursive)."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "Policy":
+            return "float32"
+        return {key: float32_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [float32_config(value) for value in config]
+    return config
+
+
+def float32_copy(model: tf_keras.Model) -> tf_keras.Model:
+    """`model` itself when it computes in float32, else a float32 twin with the same weights.
+
+    Mixed precision (`--mixed-precision`) is a training setting: exports, TFLite conversion (which has
+    no float16 kernels for most ops) and pruning (tfmot's masks are float32) use the float32 twin.
+    The master weights are float32 either way, so nothing is lost.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in _all_layers(model)):
+        return model
+    with float32_policy():
+        twin = model.__class__.from_config(float32_config(model.get_config()))
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _all_layers(model: tf_keras.Model) -> Iterator[tf_keras.layers.Layer]:
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, tf_keras.Model):
+            yield from _all_layers(layer)
+
+
 KERAS_FILE = "model.keras"  # the model inside a run's model/ folder
 
 
@@ -162,10 +209,11 @@ def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
     """`folder/model.keras`: config + weights in one zip, seconds to write (a SavedModel takes ~1 min).
 
     Without optimizer state: Adam's two moments would triple the file of a fine-tuned model, and
-    resuming uses the training checkpoints, not this export.
+    resuming uses the training checkpoints, not this export. Always float32 compute (`float32_copy`).
     """
     path = Path(folder) / KERAS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = float32_copy(model)
     # A fresh functional wrapper over the same layers has no optimizer attached (the .keras format
     # has no include_optimizer switch).
     tf_keras.Model(inputs=model.input, outputs=model.output, name=model.name).save(str(path))
@@ -190,6 +238,9 @@ __all__ = [
     "ModelError",
     "build_model",
     "compile_model",
+    "float32_config",
+    "float32_copy",
+    "float32_policy",
     "fusion_weights",
     "load_model",
     "save_model",

@@ -46,7 +46,16 @@ import tf_keras
 
 from utilities import evaluation, model_quantization, variant_eval
 from utilities.config import CompressionConfig, Config, ConfigError
-from utilities.model import BalancedAccuracy, FusionLayer, ModelError, compile_model, load_model, save_model
+from utilities.model import (
+    BalancedAccuracy,
+    FusionLayer,
+    ModelError,
+    compile_model,
+    float32_config,
+    float32_policy,
+    load_model,
+    save_model,
+)
 from utilities.schema import METADATA_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -225,7 +234,7 @@ class PruningStep(CompressionStep):
             pruning_schedule(c.target_sparsity, total_steps),
             train_batchnorm=ctx.config.model.fine_tune,  # BatchNorm as the backbone was trained
         )
-        compile_model(self.model, ctx.config.train.learning_rate * PRUNE_LR_FACTOR)
+        compile_model(self.model, ctx.config.train.learning_rate * PRUNE_LR_FACTOR, jit=ctx.config.train.jit)
 
     def callbacks(self, ctx: Context) -> list[tf_keras.callbacks.Callback]:
         import tensorflow_model_optimization as tfmot
@@ -250,7 +259,7 @@ class PruningStep(CompressionStep):
     def finalize(self, ctx: Context) -> dict[str, dict[str, Any]]:
         import tensorflow_model_optimization as tfmot
 
-        with ctx.strategy.scope():
+        with ctx.strategy.scope(), float32_policy():
             stripped = tfmot.sparsity.keras.strip_pruning(self.model)
         path = ctx.folder.path("pruned")
         save_model(stripped, path)
@@ -318,7 +327,8 @@ def build_pruned_model(
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
         return layer  # shared with `source`, which is a private copy
 
-    pruned = tf_keras.models.clone_model(source, clone_function=wrap)
+    with float32_policy():  # tfmot assigns float32 masks to the kernels: no float16 compute here
+        pruned = tf_keras.models.clone_model(source, clone_function=wrap)
     if not wrapped:
         raise CompressionError(f"no Dense/Conv2D layer with >= {MIN_PRUNE_WEIGHTS} weights to prune in {model.name!r}")
     return pruned, wrapped
@@ -331,16 +341,18 @@ def trainable_copy(model: tf_keras.Model, train_batchnorm: bool = False) -> tf_k
     their masks in training mode, so the copy drops that call argument. BatchNorm is frozen unless
     `train_batchnorm`: frozen BatchNorm layers (trainable=False) run in inference mode in Keras 2,
     whatever the training flag; trainable ones use batch statistics in training and keep updating
-    their moving averages (starting from `model`'s, with its momentum).
+    their moving averages (starting from `model`'s, with its momentum). Always float32 compute
+    (see `float32_copy`), also when `model` was trained with mixed precision.
     """
-    config = model.get_config()
+    config = float32_config(model.get_config())
     for layer_config in config["layers"]:
         if layer_config["class_name"] in ("Functional", "Model", "Sequential"):
             for node in layer_config["inbound_nodes"]:
                 for inbound in node:  # [layer name, node index, tensor index, call kwargs]
                     if len(inbound) > 3 and isinstance(inbound[3], dict):
                         inbound[3].pop("training", None)
-    copy = tf_keras.Model.from_config(config)
+    with float32_policy():
+        copy = tf_keras.Model.from_config(config)
     copy_weights(model, copy)
     copy.trainable = True
     if not train_batchnorm:
@@ -510,8 +522,8 @@ class Distiller(tf_keras.Model):
         features, labels = data[0], data[1]
         with tf.GradientTape() as tape:
             loss, probs = self.batch_loss(features, labels, training=True)
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        # minimize, not apply_gradients: a LossScaleOptimizer (mixed precision) scales the loss here.
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
         return self._update(loss, labels, probs)
 
     def test_step(self, data):
@@ -601,6 +613,10 @@ class ReplicaLoop:
         self.student, self.teacher, self.loss_fn, self.strategy = student, teacher, loss_fn, strategy
         with strategy.scope():
             self.optimizer = tf_keras.optimizers.Adam(learning_rate)
+            if student.dtype_policy.name == "mixed_float16":  # as Keras' compile does for fit
+                # Dynamic loss scaling: float16 gradients would underflow; a step with inf/NaN
+                # gradients is skipped and the scale halved (on every replica alike).
+                self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(student.trainable_variables)  # slots exist before a checkpoint restore
             self.metrics = {split: _epoch_metrics() for split in ("train", "val")}
         self.replica_batch_sizes: list[list[int]] = []
@@ -618,8 +634,8 @@ class ReplicaLoop:
             loss, probs = batch_loss(
                 self.student, self.teacher, self.loss_fn, features, labels, self._global_count(labels), True
             )
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        # Scaled (mixed precision) and all-reduced over replicas inside the optimizer.
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
         for metric in self.metrics["train"]:
             metric.update_state(labels, probs)
         return loss, tf.shape(labels)[0]
@@ -749,10 +765,12 @@ def train_student(
     learning_rate: float = STUDENT_LEARNING_RATE,
     prefix: str = "student",
     force_loop: bool = False,
+    jit: bool = False,
 ) -> dict[str, Any]:
     """Train `student` in place (Distiller with one replica, ReplicaLoop with more or when forced).
 
-    `student` (and a teacher built here) must have been created inside `strategy.scope()`.
+    `student` (and a teacher built here) must have been created inside `strategy.scope()`. `jit`:
+    XLA-compile the Distiller's step (the per-replica loop runs without XLA).
     Returns a summary: path used, epoch resumed from, epochs run, best val balanced accuracy.
     """
     if strategy.num_replicas_in_sync > 1 or force_loop:
@@ -764,7 +782,7 @@ def train_student(
         return loop.fit(datasets, epochs, patience, checkpoint_dir, on_epoch_end)
     with strategy.scope():
         distiller = Distiller(student, teacher, loss_fn)
-        distiller.compile(optimizer=tf_keras.optimizers.Adam(learning_rate))
+        distiller.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), jit_compile=jit)
     return _fit_distiller(distiller, datasets, epochs, patience, checkpoint_dir, tracker, prefix)
 
 
@@ -791,6 +809,7 @@ class DistillationStep(CompressionStep):
             patience=ctx.config.train.patience,
             checkpoint_dir=ctx.folder.checkpoints / "student",
             tracker=ctx.tracker,
+            jit=ctx.config.train.jit,
         )
 
     def finalize(self, ctx: Context) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities.config import QUANTIZE_MODES
+from utilities.model import float32_copy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def converter_for(
     """A configured converter; `calibration` (training batches) is required for int8 only."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {mode!r}; choose from {', '.join(MODES)}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(float32_copy(model))  # no float16 kernels in TFLite
     if mode == "float32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
