@@ -232,7 +232,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         tracking=TrackingConfig(
             enabled=args.tracking, mode=tracking_mode(env), project=args.wandb_project, wandb_dir=env.get("WANDB_DIR")
         ),
-        cluster=ClusterConfig(tf_config=tf_config_from_env(env), gcp_project=env.get("GCP_PROJECT"), bucket=bucket),
+        cluster=ClusterConfig(
+            tf_config=tf_config_from_env(env),
+            gcp_project=env.get("GCP_PROJECT"),
+            bucket=bucket,
+            code_commit=env.get("DERMAID_GIT_COMMIT") or None,
+        ),
     )
 
 

@@ -66,6 +66,8 @@ if ((build)); then
     # system uids keep the image default.
     uid=$(id -u)
     if ((uid >= 1000)); then build_args+=(--build-arg "APP_UID=$uid"); fi
+    # run.json records the code's commit; the image has no .git to ask.
+    if commit=$(git -C "$here" rev-parse HEAD 2>/dev/null); then build_args+=(--build-arg "GIT_COMMIT=$commit"); fi
     # An index URL may hold credentials: give it to BuildKit as a secret, never as a build-arg.
     if [[ -n ${PIP_INDEX_URL:-} ]]; then build_args+=(--secret "id=pip_index_url,env=PIP_INDEX_URL"); fi
     DOCKER_BUILDKIT=1 "$docker" "${build_args[@]}" "$here"

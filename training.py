@@ -386,7 +386,8 @@ def build_lineage(config: Config, manifest, strategy, started: str) -> dict[str,
             "shard_sha256": dict(manifest.sha256 or {}),
             "counts": manifest.counts,
         },
-        "code": {"git_commit": git_commit()},
+        # The checkout's HEAD; in a container (no .git) the commit the image was built from.
+        "code": {"git_commit": git_commit() or config.cluster.code_commit},
         "packages": package_versions(),
         "devices": distribution.device_summary(strategy),
     }

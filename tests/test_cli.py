@@ -80,8 +80,10 @@ def test_environment_is_read_into_config():
         "AIP_CHECKPOINT_DIR": "/ckpt",
         "CLOUD_ML_HP_METRIC_FILE": "/tmp/hp",
         "WANDB_API_KEY": "k" * 40,
+        "DERMAID_GIT_COMMIT": "0123abc",  # baked into images by the Dockerfile
     }
     c = config([], env)
+    assert c.cluster.code_commit == "0123abc" and config([], {}).cluster.code_commit is None
     assert c.output.output == "gs://bkt/models" and c.data.data_tag == "dataset_v02"
     assert c.output.model_dir == "gs://bkt/aip/model" and c.output.checkpoint_dir == "/ckpt"
     assert c.tracking.mode == "online"

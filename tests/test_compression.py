@@ -474,6 +474,12 @@ def test_student_epochs_reach_the_wandb_offline_history(tmp_path, monkeypatch):
     rows = [row for row in tracking.read_offline_history(run_dir) if "student/epoch" in row]
     assert [row["student/epoch"] for row in rows] == [0, 1]
     assert all({"student/train/loss", "student/val/balanced_accuracy"} <= set(row) for row in rows)
+    axes = {
+        (r.metric.glob_name, r.metric.step_metric)
+        for r in tracking.read_offline_records(run_dir)
+        if r.WhichOneof("record_type") == "metric"
+    }
+    assert ("student/*", "student/epoch") in axes  # charts plot student metrics against student epochs
 
 
 # ---------------------------------------------------------------------- two replicas (own process)

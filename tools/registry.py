@@ -13,19 +13,16 @@ never points at data the remote lacks. With STORAGE_EMULATOR_HOST set, a gs:// r
 `endpointurl` in `.dvc/config.local` (machine-specific, never committed); dvc_pull.sh passes the same
 endpoint to `dvc get`.
 
-This module imports only the standard library (plus `utilities.storage`, itself stdlib at import) so
-dvc_pull.sh can use `load_manifest` / `summary_lines` with any python3.
+This module imports only the standard library (plus `utilities.manifest` and `utilities.storage`,
+themselves stdlib at import) so dvc_pull.sh can use `load_manifest` / `summary_lines` with any python3.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import contextlib
-import datetime
 import fcntl
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -33,23 +30,19 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+
+from utilities.manifest import Manifest, ManifestError, summary_lines
+from utilities.manifest import parse as parse_manifest
 
 TRACKED_DIR = "Versioning"
 MANIFEST_NAME = "versioned_paths.pickle"
 REMOTE_NAME = "storage"
-SPLITS = ("train", "val", "test")
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 GIT_IDENTITY = ("DermAID data registry", "registry@dermaid.invalid")
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 _ERROR_LINE_RE = re.compile(r"^(fatal|error|ERROR):")
 # gcsfs warns on every anonymous/emulator request; DVC ends every error with a support link.
 _NOISE = ("Could not determine bucket type", "Having any troubles?")
-# Plain data only: a manifest is data, and unpickling anything else could run code.
-_SAFE_GLOBALS = {
-    ("builtins", n): getattr(builtins, n)
-    for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "bool")
-} | {("datetime", n): getattr(datetime, n) for n in ("datetime", "date", "timedelta", "timezone")}
 
 
 class RegistryError(RuntimeError):
@@ -61,55 +54,18 @@ class RegistryError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        raise pickle.UnpicklingError(f"refers to {module}.{name}; only plain containers and scalars are allowed")
-
-
-def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest at `path`, checked: a dict with `train`/`val`/`test` lists of shard URIs."""
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The manifest at `path`, unpickled safely and checked (see utilities.manifest)."""
     try:
-        with open(path, "rb") as fh:
-            manifest = _RestrictedUnpickler(fh).load()
+        data = Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise RegistryError(f"manifest {path} does not exist") from exc
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-        raise RegistryError(f"manifest {path} is not a readable plain pickle: {exc}") from exc
-    _check_manifest(manifest, path)
-    return manifest
-
-
-def _check_manifest(manifest: object, path: str | os.PathLike[str]) -> None:
-    if not isinstance(manifest, dict):
-        raise RegistryError(f"manifest {path} holds a {type(manifest).__name__}, expected a dict with {SPLITS}")
-    for split in SPLITS:
-        shards = manifest.get(split)
-        if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
-            raise RegistryError(f"manifest {path}: '{split}' must be a list of shard URIs")
-    if not manifest["train"]:
-        raise RegistryError(f"manifest {path}: the 'train' split has no shards")
-
-
-def summary_lines(manifest: dict[str, Any]) -> list[str]:
-    """One line per split: shards, and images when the manifest carries `counts`."""
-    counts = manifest.get("counts")
-    lines = []
-    for split in SPLITS:
-        text = f"{split}: {len(manifest[split])} shards"
-        images = _images_in(counts.get(split) if isinstance(counts, dict) else None)
-        lines.append(text if images is None else f"{text}, {images} images")
-    return lines
-
-
-def _images_in(count: object) -> int | None:
-    """`counts[split]` may be a total or a per-class dict; anything else is unknown."""
-    if isinstance(count, int) and not isinstance(count, bool):
-        return count
-    if isinstance(count, dict) and count and all(isinstance(v, int) for v in count.values()):
-        return sum(count.values())
-    return None
+    except OSError as exc:
+        raise RegistryError(f"cannot read manifest {path}: {exc}") from exc
+    try:
+        return parse_manifest(data, str(path))
+    except ManifestError as exc:
+        raise RegistryError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------------

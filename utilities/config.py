@@ -151,6 +151,7 @@ class ClusterConfig:
     tf_config: str | None = None  # TF_CONFIG (or Vertex CLUSTER_SPEC translated) as JSON text
     gcp_project: str | None = None
     bucket: str | None = None
+    code_commit: str | None = None  # DERMAID_GIT_COMMIT, baked into images (they hold no .git)
 
 
 @dataclass(frozen=True)

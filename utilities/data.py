@@ -17,26 +17,20 @@ takes raw pixels.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-import pickle
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from utilities import manifest as manifest_format
 from utilities import storage
+from utilities.manifest import Manifest
 from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
 
 _CHUNK = 1 << 20  # bytes per read when hashing
-_SHA256_HEX = frozenset("0123456789abcdef")
-# The only globals a manifest may reference: a `created` timestamp pickled as a datetime.
-_ALLOWED_GLOBALS = frozenset(
-    {("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"), ("datetime", "timezone")}
-)
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "metadata": tf.io.FixedLenFeature([METADATA_SIZE], tf.int64),
@@ -61,86 +55,6 @@ def _one_line(text: object, limit: int = 300) -> str:
 # ---------------------------------------------------------------- manifest
 
 
-@dataclass(frozen=True)
-class Manifest:
-    path: str  # where it was loaded from
-    splits: dict[str, tuple[str, ...]]  # "train" | "val" | "test" → shard URIs
-    schema: dict[str, Any] | None  # class_names, metadata_names, image_shape (new manifests only)
-    counts: dict[str, Any] | None  # per split per class, and skipped_unk (new manifests only)
-    sha256: dict[str, str]  # shard URI → hex digest; empty for the original three-key form
-    raw: dict[str, Any]  # everything that was in the pickle
-
-
-class _ManifestUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and scalars only: a manifest must never be able to run code."""
-
-    def __init__(self, file: Any, name: str) -> None:
-        super().__init__(file)
-        self._name = name
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise DataError(
-            f"manifest {self._name} tries to unpickle {module}.{name}; only plain containers and scalars are allowed"
-        )
-
-
-def _unpickle(data: bytes, name: str) -> Any:
-    try:
-        return _ManifestUnpickler(io.BytesIO(data), name).load()
-    except DataError:
-        raise
-    except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, ValueError, …
-        raise DataError(f"manifest {name} is not a valid pickle: {_one_line(err)}") from None
-
-
-def _check_splits(raw: Any, name: str) -> dict[str, tuple[str, ...]]:
-    if not isinstance(raw, dict):
-        raise DataError(f"manifest {name} holds a {type(raw).__name__}; expected a dict with keys train, val, test")
-    missing = [s for s in SPLITS if s not in raw]
-    if missing:
-        raise DataError(f"manifest {name} has no {', '.join(missing)} key(s); expected train, val and test shard lists")
-    splits = {}
-    for split in SPLITS:
-        uris = raw[split]
-        if not isinstance(uris, list | tuple):
-            raise DataError(f"manifest {name}: {split} is a {type(uris).__name__}, expected a list of shard URIs")
-        for i, uri in enumerate(uris):
-            if not isinstance(uri, str) or not uri:
-                raise DataError(f"manifest {name}: {split}[{i}] is {uri!r}, expected a shard URI string")
-        splits[split] = tuple(uris)
-    if not splits["train"]:
-        raise DataError(f"manifest {name} lists no train shards")
-    return splits
-
-
-def _check_sha256(raw: dict[str, Any], name: str) -> dict[str, str]:
-    sha = raw.get("sha256") or {}
-    if not isinstance(sha, dict):
-        raise DataError(f"manifest {name}: sha256 is a {type(sha).__name__}, expected a dict of shard URI → hex digest")
-    for uri, digest in sha.items():
-        if not (isinstance(uri, str) and isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
-            raise DataError(f"manifest {name}: sha256 entry {uri!r} is not a 64-digit lowercase hex digest")
-    return dict(sha)
-
-
-def _check_schema(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
-    schema = raw.get("schema")
-    if schema is None:
-        return None
-    if not isinstance(schema, dict):
-        raise DataError(f"manifest {name}: schema is a {type(schema).__name__}, expected a dict")
-    classes = schema.get("class_names")
-    if classes is not None and (not isinstance(classes, list | tuple) or tuple(classes) != CLASS_NAMES):
-        shown = ",".join(map(str, classes)) if isinstance(classes, list | tuple) else repr(classes)
-        raise DataError(f"manifest {name} has classes {shown}; this job expects {','.join(CLASS_NAMES)}")
-    metadata = schema.get("metadata_names")
-    if metadata is not None and (not isinstance(metadata, list | tuple) or len(metadata) != METADATA_SIZE):
-        raise DataError(f"manifest {name}: schema metadata_names {metadata!r} is not a list of {METADATA_SIZE} names")
-    return schema
-
-
 def load_manifest(path: str | Path) -> Manifest:
     """Load and validate `versioned_paths.pickle` (local path or gs:// URI); accepts the original three-key form."""
     name = str(path)
@@ -152,12 +66,10 @@ def load_manifest(path: str | Path) -> Manifest:
         ) from None
     except (OSError, storage.StorageError) as err:
         raise DataError(f"cannot read manifest {name}: {_one_line(err)}") from None
-    raw = _unpickle(data, name)
-    splits = _check_splits(raw, name)
-    counts = raw.get("counts")
-    if counts is not None and not isinstance(counts, dict):
-        raise DataError(f"manifest {name}: counts is a {type(counts).__name__}, expected a dict")
-    return Manifest(name, splits, _check_schema(raw, name), counts, _check_sha256(raw, name), raw)
+    try:
+        return manifest_format.parse(data, name)
+    except manifest_format.ManifestError as err:
+        raise DataError(str(err)) from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -121,6 +121,7 @@ class WandbTracker(Tracker):
     def __init__(self, run: Any) -> None:
         self._run = run
         self._finished = False
+        self._axes: set[str] = set()  # prefixes whose `{prefix}/epoch` is their charts' x-axis
 
     @property
     def run_dir(self) -> Path | None:
@@ -133,6 +134,11 @@ class WandbTracker(Tracker):
         return [*super().callbacks(), WandbMetricsLogger(log_freq="epoch")]
 
     def log(self, metrics: dict[str, Any], step: int | None = None, commit: bool = True) -> None:
+        for key in metrics:  # e.g. student/epoch: plot student/* against it, as Keras' epoch/* is
+            prefix, _, leaf = key.rpartition("/")
+            if leaf == "epoch" and prefix and prefix not in self._axes:
+                self._run.define_metric(f"{prefix}/*", step_metric=key)
+                self._axes.add(prefix)
         self._run.log(metrics, step=step, commit=commit)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
