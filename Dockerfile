@@ -2,7 +2,7 @@
 # Training image: the locked Python environment plus this repository; nothing is cloned at run time.
 #
 #   docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t dermaid-training .   # CPU (default target)
-#   docker build -t dermaid-training-gpu --target gpu .
+#   docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t dermaid-training-gpu --target gpu .
 #   docker build --build-arg PIP_INDEX_URL="$PIP_INDEX_URL" -t dermaid-training .   # another index
 #   docker run --rm dermaid-training PROJECT BUCKET - - dataset_v02 1 -- -e 20
 #
@@ -61,7 +61,6 @@ RUN groupadd --gid "${APP_UID}" app \
 FROM base AS gpu
 ARG PIP_INDEX_URL
 ARG APP_UID=1000
-ARG GIT_COMMIT=""
 RUN --mount=type=secret,id=pip_index_url,required=false \
     index_url="$(cat /run/secrets/pip_index_url 2>/dev/null || true)"; \
     index_url="${index_url:-${PIP_INDEX_URL:-$(python -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')}}"; \
@@ -71,6 +70,8 @@ COPY . .
 # Versioning/, the shard cache, wandb/ and local outputs.
 RUN chown app:app /app
 # The image holds no .git: run.json records this commit instead (docker-shell.sh passes it).
+# Declared here, after the heavy layers, so a new commit does not invalidate them.
+ARG GIT_COMMIT=""
 ENV DERMAID_GIT_COMMIT=${GIT_COMMIT}
 # Numeric, so that runtimes enforcing "runAsNonRoot" can verify it without /etc/passwd.
 USER ${APP_UID}:${APP_UID}
@@ -80,10 +81,11 @@ ENTRYPOINT ["/bin/bash", "run-commands.sh"]
 # CPU variant, the default target (last stage).
 FROM base AS cpu
 ARG APP_UID=1000
-ARG GIT_COMMIT=""
 COPY . .
 RUN chown app:app /app
 # The image holds no .git: run.json records this commit instead (docker-shell.sh passes it).
+# Declared here, after the heavy layers, so a new commit does not invalidate them.
+ARG GIT_COMMIT=""
 ENV DERMAID_GIT_COMMIT=${GIT_COMMIT}
 # Numeric, so that runtimes enforcing "runAsNonRoot" can verify it without /etc/passwd.
 USER ${APP_UID}:${APP_UID}

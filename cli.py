@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--jit",
         action="store_true",
-        help="XLA-compile the Keras training steps (model, pruning, 1-replica distillation); CPU: only with -g 1",
+        help="XLA-compile the Keras training steps (model; pruning and distillation with one replica); CPU: -g 1 only",
     )
 
     comp = parser.add_argument_group("Compression")

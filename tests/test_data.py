@@ -279,7 +279,7 @@ def test_train_order_changes_every_epoch_and_val_order_is_stable(prepared: Prepa
 
 def test_raw_shards_are_parsed_by_the_batch_and_give_the_example_by_example_result(prepared: Prepared) -> None:
     paths = list(prepared.manifest["val"])
-    assert data.first_record_is_raw(paths, 32) and not data.first_record_is_raw(paths, 16)  # 16: must resize
+    assert data.shards_are_raw(paths, 32) and not data.shards_are_raw(paths, 16)  # 16: must resize
     records = tf.data.TFRecordDataset(paths)
     batched = list(data.parse_batches(records, 32, 16, raw=True))
     one_by_one = list(data.parse_batches(records, 32, 16, raw=False))
@@ -291,7 +291,7 @@ def test_raw_shards_are_parsed_by_the_batch_and_give_the_example_by_example_resu
 
 
 @pytest.mark.parametrize("encoding", ["JPEG", "raw 40 px"])
-def test_splits_of_other_images_are_read_one_by_one_and_a_mixed_raw_split_fails_clearly(
+def test_splits_with_other_images_are_read_one_by_one_and_a_mixed_raw_shard_fails_clearly(
     prepared: Prepared, tmp_path: Path, encoding: str
 ) -> None:
     pixels = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
@@ -299,13 +299,17 @@ def test_splits_of_other_images_are_read_one_by_one_and_a_mixed_raw_split_fails_
     Image.fromarray(pixels).save(buffer, format="JPEG")
     other = _example(buffer.getvalue() if encoding == "JPEG" else pixels.tobytes(), [0] * 28, one_hot(3))
     raw = _records(prepared.manifest["train"])[:5]
-    other_first = _write_shard(tmp_path / "other_first.tfrecords", [other, *raw])
-    assert not data.first_record_is_raw([other_first], 32)
-    built = build_datasets({**_shards(prepared), "val": [other_first]}, image_size=32, global_batch_size=4, seed=0)
-    assert [int(labels.shape[0]) for _, labels in built.val] == [4, 2]  # read one by one: resized / decoded
-    raw_first = _write_shard(tmp_path / "raw_first.tfrecords", [*raw, other])
-    built = build_datasets({**_shards(prepared), "val": [raw_first]}, image_size=32, global_batch_size=4, seed=0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="not raw uint8 32x32x3 like the first record"):
+    raw_shard = _write_shard(tmp_path / "raw.tfrecords", raw)
+    other_shard = _write_shard(tmp_path / "other.tfrecords", [other, other])
+    assert data.shards_are_raw([raw_shard], 32) and not data.shards_are_raw([raw_shard, other_shard], 32)
+    split = {**_shards(prepared), "val": [raw_shard, other_shard]}  # a raw shard first, then another kind
+    built = build_datasets(split, image_size=32, global_batch_size=4, seed=0)
+    assert [int(labels.shape[0]) for _, labels in built.val] == [4, 3]  # read one by one: resized / decoded
+    mixed_shard = _write_shard(tmp_path / "mixed.tfrecords", [*raw, other])  # not what tools.prepare writes
+    built = build_datasets({**_shards(prepared), "val": [mixed_shard]}, image_size=32, global_batch_size=4, seed=0)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="not raw uint8 32x32x3 like the first record of its shard"
+    ):
         list(built.val)
 
 

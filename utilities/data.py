@@ -234,7 +234,7 @@ def parse_raw_batch(serialized: tf.Tensor, image_size: int) -> tuple[dict[str, t
         tf.strings.length(parsed["image"]),
         image_size * image_size * 3,
         message=f"a record's image is not raw uint8 {image_size}x{image_size}x3 like the first record of its "
-        "split; mixed encodings or sizes in one split are read only one by one (re-run tools.prepare)",
+        "shard; a shard must hold one encoding and size (re-run tools.prepare)",
     )
     with tf.control_dependencies([check]):
         pixels = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, image_size, image_size, 3])
@@ -242,18 +242,26 @@ def parse_raw_batch(serialized: tf.Tensor, image_size: int) -> tuple[dict[str, t
     return features, tf.cast(parsed["label"], tf.float32)
 
 
-def first_record_is_raw(paths: list[str], image_size: int) -> bool:
-    """True when the first record of these shards holds raw uint8 RGB at `image_size` (see `decode_image`)."""
-    for serialized in tf.data.TFRecordDataset(paths[:1]).take(1):
-        image = tf.io.parse_single_example(serialized, _FEATURES)["image"]
-        return bool(tf.strings.length(image) == image_size * image_size * 3) and not bool(_is_encoded(image))
-    return False
+def shards_are_raw(paths: list[str], image_size: int) -> bool:
+    """True when the first record of every shard holds raw uint8 RGB at `image_size` (see `decode_image`).
+
+    One record per shard: a shard is written by one tools.prepare run, so its records are alike,
+    but a split may combine shards of different origins.
+    """
+    if not paths:
+        return False
+    for path in paths:
+        for serialized in tf.data.TFRecordDataset(path).take(1):
+            image = tf.io.parse_single_example(serialized, _FEATURES)["image"]
+            if not bool(tf.strings.length(image) == image_size * image_size * 3) or bool(_is_encoded(image)):
+                return False
+    return True
 
 
 def parse_batches(records: tf.data.Dataset, image_size: int, batch: int, raw: bool) -> tf.data.Dataset:
     """Serialized records → batches of ({"image", "metadata"}, labels), in record order.
 
-    `raw` (see `first_record_is_raw`): batch first, then `parse_raw_batch`; else each example is
+    `raw` (see `shards_are_raw`): batch first, then `parse_raw_batch`; else each example is
     decoded on its own (JPEG/PNG, other sizes), then batched. drop_remainder=False: every example is
     seen each epoch; Keras and tf.distribute handle a short last batch (split unevenly across replicas).
     """
@@ -419,7 +427,7 @@ def _train_dataset(
     # Shuffle serialized records (before decoding: cheaper to hold), then decode in parallel. Not
     # repeated: Keras iterates it once per epoch and reshuffle_each_iteration gives a new order each time.
     records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    batches = parse_batches(records, image_size, batch, raw=first_record_is_raw(paths, image_size))
+    batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
     if augment:
         batches = augment_dataset(batches, seed)
     return _with_sharding_options(batches.prefetch(AUTOTUNE))
@@ -428,7 +436,7 @@ def _train_dataset(
 def _eval_dataset(paths: list[str], image_size: int, batch: int) -> tf.data.Dataset:
     # Sequential: file order = manifest order, stable. (An empty list needs an explicit string dtype.)
     records = tf.data.TFRecordDataset(tf.constant(paths, tf.string, shape=[len(paths)]))
-    batches = parse_batches(records, image_size, batch, raw=first_record_is_raw(paths, image_size))
+    batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
     return _with_sharding_options(batches.prefetch(AUTOTUNE))
 
 

@@ -234,7 +234,10 @@ class PruningStep(CompressionStep):
             pruning_schedule(c.target_sparsity, total_steps),
             train_batchnorm=ctx.config.model.fine_tune,  # BatchNorm as the backbone was trained
         )
-        compile_model(self.model, ctx.config.train.learning_rate * PRUNE_LR_FACTOR, jit=ctx.config.train.jit)
+        # tfmot updates its masks through merge_call, which MirroredStrategy refuses inside an XLA
+        # function: the fine-tune is compiled only with one replica.
+        jit = ctx.config.train.jit and ctx.strategy.num_replicas_in_sync == 1
+        compile_model(self.model, ctx.config.train.learning_rate * PRUNE_LR_FACTOR, jit=jit)
 
     def callbacks(self, ctx: Context) -> list[tf_keras.callbacks.Callback]:
         import tensorflow_model_optimization as tfmot
