@@ -257,6 +257,7 @@ def test_build_datasets_counts_batches_and_dtypes(prepared: Prepared) -> None:
     assert built.counts == expected
     assert built.class_counts["train"] == tuple(prepared.manifest["counts"]["train"][c] for c in CLASS_NAMES)
     assert built.steps_per_epoch == {s: math.ceil(n / 16) for s, n in expected.items()}
+    assert {s: int(getattr(built, s).cardinality()) for s in SPLITS} == built.steps_per_epoch  # declared length
     features, labels = next(iter(built.train))
     assert features["image"].shape == (16, 32, 32, 3) and features["metadata"].shape == (16, 28)
     assert features["image"].dtype == labels.dtype == tf.float32 and labels.shape == (16, 8)

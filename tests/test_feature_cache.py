@@ -188,11 +188,10 @@ def _train(model: tf_keras.Model, train: tf.data.Dataset, class_weights: dict[in
 def test_training_the_head_on_cached_features_equals_training_the_full_model(model, datasets):
     assert model.get_layer("image_dropout").rate == 0.0  # deterministic: both paths see the same activations
     start = model.get_weights()
-    # The val split has a fixed order, so both paths see identical batches in identical order. Its
-    # cardinality is declared because with an unknown one tf_keras' Adam counts one extra iteration
-    # at the end of epoch 1 (bias correction then differs by a step), unlike the cached dataset.
-    val = datasets.val.apply(tf.data.experimental.assert_cardinality(datasets.steps_per_epoch["val"]))
-    full = _train(model, val, datasets.class_weights)
+    # The val split has a fixed order, so both paths see identical batches in identical order. Both
+    # declare their length (else tf_keras' Adam counts one extra iteration at the end of epoch 1).
+    assert int(datasets.val.cardinality()) == datasets.steps_per_epoch["val"]
+    full = _train(model, datasets.val, datasets.class_weights)
     trained_uncached = model.get_weights()
     model.set_weights(start)
     extractor, head = feature_cache.feature_extractor(model), feature_cache.head_model(model)

@@ -417,8 +417,15 @@ def _with_sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
+def _with_length(batches: tf.data.Dataset, steps: int) -> tf.data.Dataset:
+    """Declare the number of batches (counted when the labels were read). Keras then knows an epoch's
+    length from the start: progress totals, and no end-of-data probe step (with an unknown length
+    tf_keras' Adam counts one extra iteration at the end of the first epoch)."""
+    return batches.apply(tf.data.experimental.assert_cardinality(steps))
+
+
 def _train_dataset(
-    paths: list[str], image_size: int, batch: int, seed: int, augment: bool, buffer: int
+    paths: list[str], image_size: int, batch: int, seed: int, augment: bool, buffer: int, steps: int
 ) -> tf.data.Dataset:
     files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     records = files.interleave(
@@ -430,14 +437,14 @@ def _train_dataset(
     batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
     if augment:
         batches = augment_dataset(batches, seed)
-    return _with_sharding_options(batches.prefetch(AUTOTUNE))
+    return _with_sharding_options(_with_length(batches, steps).prefetch(AUTOTUNE))
 
 
-def _eval_dataset(paths: list[str], image_size: int, batch: int) -> tf.data.Dataset:
+def _eval_dataset(paths: list[str], image_size: int, batch: int, steps: int) -> tf.data.Dataset:
     # Sequential: file order = manifest order, stable. (An empty list needs an explicit string dtype.)
     records = tf.data.TFRecordDataset(tf.constant(paths, tf.string, shape=[len(paths)]))
     batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
-    return _with_sharding_options(batches.prefetch(AUTOTUNE))
+    return _with_sharding_options(_with_length(batches, steps).prefetch(AUTOTUNE))
 
 
 def _check_build_arguments(
@@ -467,14 +474,18 @@ def build_datasets(
     _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
     class_counts = {split: tuple(int(c) for c in count_labels(list(shards[split]))) for split in SPLITS}
     counts = {split: sum(c) for split, c in class_counts.items()}
+    steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}
+    train = _train_dataset(
+        list(shards["train"]), image_size, global_batch_size, seed, augment, shuffle_buffer, steps["train"]
+    )
     return Datasets(
-        train=_train_dataset(list(shards["train"]), image_size, global_batch_size, seed, augment, shuffle_buffer),
-        val=_eval_dataset(list(shards["val"]), image_size, global_batch_size),
-        test=_eval_dataset(list(shards["test"]), image_size, global_batch_size),
+        train=train,
+        val=_eval_dataset(list(shards["val"]), image_size, global_batch_size, steps["val"]),
+        test=_eval_dataset(list(shards["test"]), image_size, global_batch_size, steps["test"]),
         class_weights=class_weights_from_counts(class_counts["train"]),
         counts=counts,
         class_counts=class_counts,
-        steps_per_epoch={split: math.ceil(n / global_batch_size) for split, n in counts.items()},
+        steps_per_epoch=steps,
     )
 
 
