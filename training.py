@@ -83,13 +83,6 @@ def run(config: Config) -> RunResult:
     started = _now()
     # ------------------------------------------------------------------ devices and strategy
     cluster = distribution.parse_cluster(config.cluster.tf_config)
-    c = config.compression
-    if cluster.num_workers > 1 and (c.prune or c.distill or c.quantize):
-        # Compression steps evaluate strategy models (collectives on every BatchNorm read); not wired for
-        # several workers yet. Train multi-worker, then compress with --teacher in a single-worker job.
-        raise ConfigError(
-            "-p/-d/-q are not supported with several workers yet; compress in a one-worker job with --teacher"
-        )
     distribution.configure_devices(config.train.gpus, multi_worker=cluster.num_workers > 1, jit=config.train.jit)
     strategy = distribution.build_strategy(config.train.gpus, config.cluster.tf_config)
     if config.train.mixed_precision:
@@ -150,8 +143,12 @@ def run(config: Config) -> RunResult:
             metrics["variants"]["model"] = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"))
             log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
 
-        # -------------------------------------------------------------- compression variants
-        metrics["variants"].update(run_compression(config, model, datasets, folder, strategy, tracker, metrics))
+            # ---------------------------------------------------------- compression variants
+            # Several workers: the chief compresses alone, on that reloaded copy under the default
+            # strategy (no collective needs a peer), while the others wait at the end barrier.
+            compress_strategy = strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
+            variants = run_compression(config, evaluated, datasets, folder, compress_strategy, tracker, metrics)
+            metrics["variants"].update(variants)
 
         # -------------------------------------------------------------- outputs (run.json last)
         lineage["finished"] = _now()
@@ -299,7 +296,7 @@ def read_history(path: Path) -> dict[str, list[float]]:
 
 
 def run_compression(config: Config, model, datasets, folder: RunFolder, strategy, tracker, metrics) -> dict[str, Any]:
-    """Pruned, student and TFLite variants, each evaluated; none when no compression flag is set."""
+    """Pruned, student and TFLite variants, each evaluated; none when no compression flag is set (chief only)."""
     c = config.compression
     if not (c.prune or c.distill or c.quantize):
         return {}

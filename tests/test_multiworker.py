@@ -161,6 +161,7 @@ def test_two_workers_train_and_only_the_chief_publishes(gcs_data, gcs_emulator, 
     worker_tmp.mkdir()
     args = ["--manifest", str(gcs_data.manifest_path), "--output", f"gs://{bucket}/models", "-n", name]
     args += ["--run-id", run, "-x", *TINY]
+    args += ["-d", "--student-epochs", "1", "--student-filters", "8"]  # the chief distils alone afterwards
     chief_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "STORAGE_EMULATOR_HOST": gcs_emulator.host}
     worker_env = {**chief_env, "STORAGE_EMULATOR_HOST": worker_proxy.host, "TMPDIR": str(worker_tmp)}
     started = time.monotonic()
@@ -187,6 +188,9 @@ def test_two_workers_train_and_only_the_chief_publishes(gcs_data, gcs_emulator, 
     assert lineage["training"]["epochs_run"] == 1
     metrics = json.loads(gcs_data.client.bucket(bucket).blob(prefix + "metrics.json").download_as_bytes())
     assert 0.0 <= metrics["variants"]["model"]["test"]["balanced_accuracy"] <= 1.0
+    student = metrics["variants"]["student"]
+    assert "error" not in student and 0.0 <= student["agreement"] <= 1.0, student
+    assert "student/model.keras" in files, sorted(files)
 
     # The worker published nothing (no write request at all, not even a write probe), tracked
     # nothing (one offline W&B run: the chief's) and left nothing in its TMPDIR.
