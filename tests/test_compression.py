@@ -430,6 +430,21 @@ def test_replica_loop_checkpoints_each_epoch_and_a_rerun_resumes(tmp_path):
     assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
     assert [row["student/epoch"] for row in tracker.rows] == [1]  # only the missing epoch ran
     assert unchanged(before, teacher)
+    with pytest.raises(mc.CompressionError, match="does not match this student and optimizer"):
+        mc.train_student(student(filters=4), teacher, loss_fn, datasets, epochs=3, tracker=tracker, **common)
+
+
+def test_resuming_a_float32_loop_checkpoint_with_mixed_precision_fails_in_one_line(mixed_precision, tmp_path):
+    from utilities.model import float32_policy
+
+    datasets = toy_datasets(n_train=16, n_eval=16)
+    loss_fn = mc.DistillationLoss(4.0, 1.0, mc.class_weight_vector(datasets.class_weights))  # no teacher
+    common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path, force_loop=True)
+    with float32_policy():  # written without loss scaling
+        mc.train_student(student(), None, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
+    with pytest.raises(mc.CompressionError, match="does not match this student and optimizer") as caught:
+        mc.train_student(student(), None, loss_fn, datasets, epochs=2, tracker=ListTracker(), **common)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.slow

@@ -730,7 +730,13 @@ class _LoopState:
     def restore(self) -> int:
         """Resume point: epochs already completed (0 for a fresh run)."""
         if self.last.latest_checkpoint:
-            self.last.checkpoint.restore(self.last.latest_checkpoint).assert_existing_objects_matched()
+            try:  # a different shape fails the restore, a missing object (e.g. the loss scale) the assertion
+                self.last.checkpoint.restore(self.last.latest_checkpoint).assert_existing_objects_matched()
+            except (AssertionError, ValueError):
+                raise CompressionError(
+                    f"checkpoint {self.last.latest_checkpoint} does not match this student and optimizer (written "
+                    "with other --student-filters or --mixed-precision?); use a new --run-id"
+                ) from None
             log.info("student: resuming after epoch %d from %s", int(self.epoch.numpy()), self.last.latest_checkpoint)
         return int(self.epoch.numpy())
 
