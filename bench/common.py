@@ -255,6 +255,19 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def rates_report(title: str, result: Mapping[str, Any], note: Callable[[str], str]) -> str:
+    """A benchmark's sides (examples/s) under `title`, then its ratios with their targets."""
+    stats = {name: Stats(**values) for name, values in result["results"].items()}
+    rows = [rate_row(name, s, note(name)) for name, s in stats.items()]
+    ratios = [[name, value, result["targets"].get(name, "")] for name, value in result["ratios"].items()]
+    return table(title, RATE_HEADER, rows) + "\n" + table("Ratios", ("ratio", "value", "target ≥"), ratios)
+
+
+def add_modes(parser: argparse.ArgumentParser, default: list[str], help_text: str) -> None:
+    """`--modes frozen|fine_tune …`: which backbone settings a benchmark measures."""
+    parser.add_argument("--modes", nargs="+", choices=("frozen", "fine_tune"), default=default, help=help_text)
+
+
 def rate_row(name: str, stats: Stats, note: str = "") -> list[Any]:
     return [name, stats.median, stats.min, stats.max, f"{stats.spread:.0%}", note]
 

@@ -68,25 +68,14 @@ def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any
 
 
 def report(result: dict[str, Any]) -> str:
-    stats = {name: common.Stats(**values) for name, values in result["results"].items()}
     notes = {"pipeline": "utilities.data train split", "naive": "per-example, sequential, no prefetch"}
-    rows = [common.rate_row(name, s, notes.get(name, "train_on_batch, in-memory batch")) for name, s in stats.items()]
-    ratios = [[name, value, result["targets"].get(name, "")] for name, value in result["ratios"].items()]
-    return (
-        common.table("Input pipeline vs model", common.RATE_HEADER, rows)
-        + "\n"
-        + common.table("Ratios", ("ratio", "value", "target ≥"), ratios)
+    return common.rates_report(
+        "Input pipeline vs model", result, lambda name: notes.get(name, "train_on_batch, in-memory batch")
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=("frozen", "fine_tune"),
-        default=["frozen", "fine_tune"],
-        help="model sides to measure (default: both)",
-    )
+    common.add_modes(parser, ["frozen", "fine_tune"], "model sides to measure (default: both)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,24 +55,11 @@ def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any
 
 
 def report(result: dict[str, Any]) -> str:
-    stats = {name: common.Stats(**values) for name, values in result["results"].items()}
-    rows = [common.rate_row(name, s, "fit, one epoch") for name, s in stats.items()]
-    ratios = [[name, value, result["targets"].get(name, "")] for name, value in result["ratios"].items()]
-    return (
-        common.table("fit: real pipeline vs in-memory tensors", common.RATE_HEADER, rows)
-        + "\n"
-        + common.table("Ratios", ("ratio", "value", "target ≥"), ratios)
-    )
+    return common.rates_report("fit: real pipeline vs in-memory tensors", result, lambda name: "fit, one epoch")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=("frozen", "fine_tune"),
-        default=["frozen"],
-        help="backbone frozen (the job's default) and/or fine-tuned (default: %(default)s)",
-    )
+    common.add_modes(parser, ["frozen"], "backbone frozen (the job's default) and/or fine-tuned (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

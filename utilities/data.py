@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from utilities import manifest as manifest_format
 from utilities import storage
-from utilities.manifest import Manifest
+from utilities.manifest import Manifest, one_line
 from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
 
 _CHUNK = 1 << 20  # bytes per read when hashing
@@ -47,11 +47,6 @@ class DataError(ValueError):
     """Bad manifest, shard or data argument; the message is one line naming the file."""
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 # ---------------------------------------------------------------- manifest
 
 
@@ -65,7 +60,7 @@ def load_manifest(path: str | Path) -> Manifest:
             f"manifest {name} not found; fetch it with `sh dvc_pull.sh -t TAG` (or pass --manifest PATH)"
         ) from None
     except (OSError, storage.StorageError) as err:
-        raise DataError(f"cannot read manifest {name}: {_one_line(err)}") from None
+        raise DataError(f"cannot read manifest {name}: {one_line(err)}") from None
     try:
         return manifest_format.parse(data, name)
     except manifest_format.ManifestError as err:
@@ -106,7 +101,7 @@ def _fetch_remote(uri: str, expected: str | None, cache: Path) -> Path:
     try:
         storage.download_file(uri, target)  # atomic: temp file + rename
     except storage.StorageError as err:
-        raise DataError(f"cannot fetch shard {uri}: {_one_line(err)}") from None
+        raise DataError(f"cannot fetch shard {uri}: {one_line(err)}") from None
     try:
         _verify_digest(target, expected, uri)
     except DataError:
@@ -145,7 +140,7 @@ def _check_record(data: bytes, path: str | Path, index: int) -> None:
     try:
         features = tf.train.Example.FromString(data).features.feature
     except Exception as err:
-        raise DataError(f"{where} is not a tf.train.Example: {_one_line(err)}") from None
+        raise DataError(f"{where} is not a tf.train.Example: {one_line(err)}") from None
     if len(features["image"].bytes_list.value) != 1:
         raise DataError(f"{where}: feature image must hold exactly one bytes value")
     for key, size in (("metadata", METADATA_SIZE), ("label", NUM_CLASSES)):
@@ -163,7 +158,7 @@ def verify_shard(path: str | Path) -> int:
             _check_record(record.numpy(), path, count)
             count += 1
     except tf.errors.OpError as err:  # DataLossError: truncated file or CRC mismatch
-        raise DataError(f"shard {path} is corrupt or truncated at record {count}: {_one_line(err.message)}") from None
+        raise DataError(f"shard {path} is corrupt or truncated at record {count}: {one_line(err.message)}") from None
     return count
 
 
@@ -391,7 +386,7 @@ def count_labels(paths: list[str]) -> np.ndarray:
         for path in paths:  # name the bad shard when one is corrupt
             verify_shard(path)
         raise DataError(
-            f"cannot read labels from {len(paths)} shard(s) starting with {paths[0]}: {_one_line(err.message)}"
+            f"cannot read labels from {len(paths)} shard(s) starting with {paths[0]}: {one_line(err.message)}"
         ) from None
     return total
 

@@ -68,7 +68,8 @@ def summary_lines(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _one_line(text: object, limit: int = 300) -> str:
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -92,7 +93,7 @@ def _unpickle(data: bytes, name: str) -> Any:
     except ManifestError:
         raise
     except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, ValueError, …
-        raise ManifestError(f"manifest {name} is not a valid pickle: {_one_line(err)}") from None
+        raise ManifestError(f"manifest {name} is not a valid pickle: {one_line(err)}") from None
 
 
 def _check_splits(raw: Any, name: str) -> dict[str, tuple[str, ...]]:
@@ -156,4 +157,4 @@ def _images_in(count: object) -> int | None:
     return None
 
 
-__all__ = ["Manifest", "ManifestError", "parse", "summary_lines"]
+__all__ = ["Manifest", "ManifestError", "one_line", "parse", "summary_lines"]
