@@ -2,7 +2,8 @@
 
 One `tf.train.Example` per image:
   image    bytes, 1 value: raw uint8 pixels H×W×3 row-major, or JPEG/PNG bytes
-  metadata int64 list, 28: multi-hot, 18 age bins + 8 sites + sex_female, sex_male
+  metadata int64 list, 28: multi-hot, 18 age bins + 8 sites + sex_female, sex_male, in the original
+           DermAID column order (pandas get_dummies on text: ages sorted as strings, "45.0" < "5.0")
   label    int64 list, 8: one-hot in CLASS_NAMES order
 This module has no TensorFlow import so tools and `--help` stay fast.
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 import math
 
 CLASS_NAMES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
-AGE_BINS: tuple[int, ...] = tuple(range(0, 90, 5))  # 0, 5, …, 85: 18 bins
+# The original preprocessing encoded age with `get_dummies` on *strings* ("0.0", "5.0", …), so its 18
+# columns are in text order: 0, 10, 15, …, 45, 5, 50, …, 85. Records must keep that order to stay
+# interchangeable with the original's (a model reading the other order would see the wrong ages).
+AGE_BINS: tuple[int, ...] = tuple(sorted(range(0, 90, 5), key=lambda age: f"{float(age)}"))
 SITES: tuple[str, ...] = (
     "anterior torso",
     "head/neck",
@@ -25,7 +29,9 @@ SITES: tuple[str, ...] = (
 )
 SEXES: tuple[str, ...] = ("female", "male")
 METADATA_NAMES: tuple[str, ...] = (
-    tuple(f"age_{a}" for a in AGE_BINS) + tuple(f"site_{s}" for s in SITES) + tuple(f"sex_{s}" for s in SEXES)
+    tuple(f"age_approx_{float(a)}" for a in AGE_BINS)
+    + tuple(f"anatom_site_general_{s}" for s in SITES)
+    + tuple(f"sex_{s}" for s in SEXES)
 )
 NUM_CLASSES = len(CLASS_NAMES)
 METADATA_SIZE = len(METADATA_NAMES)  # 28
@@ -41,7 +47,7 @@ def encode_metadata(age: float | None, site: str | None, sex: str | None) -> lis
     vec = [0] * METADATA_SIZE
     if age is not None and not (isinstance(age, float) and math.isnan(age)):
         if age not in AGE_BINS:
-            raise ValueError(f"age {age!r} is not one of the bins {AGE_BINS[0]}..{AGE_BINS[-1]} step 5")
+            raise ValueError(f"age {age!r} is not one of the bins 0..85 step 5")
         vec[AGE_BINS.index(int(age))] = 1
     if site:
         if site not in SITES:
