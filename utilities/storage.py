@@ -183,6 +183,28 @@ def download_file(uri: str, local_path: str | os.PathLike[str], *, retry: RetryP
     _gcs_call("download", uri, fetch, retry)
 
 
+def fetch_to_cache(uri: str, cache: Path, *, retry: RetryPolicy | None = None) -> tuple[Path, bool]:
+    """A gs:// object's local copy in `cache`, named by its identity (generation + crc32c): `(path, downloaded)`.
+
+    For shards whose manifest has no sha256 (the original's pickles): the object's metadata says whether a
+    cached copy is still the same object, so a rerun downloads nothing. The cached copy is re-checked
+    against the crc32c before use, and the download asks for that exact generation, so an object
+    replaced in between is never mixed up with the one whose identity named the file.
+    """
+    blob = _blob(uri)
+    _gcs_call("read metadata of", uri, lambda: blob.reload(retry=None), retry)
+    identity = f"{uri}#{blob.generation}#{blob.crc32c}"
+    target = cache / f"gcs-{hashlib.sha256(identity.encode()).hexdigest()[:40]}.tfrecords"
+    if target.is_file() and blob.crc32c and _checksums_of_file(target)[0] == blob.crc32c:
+        return target, False
+
+    def fetch() -> None:  # each attempt writes a fresh temp file, so a retry never appends
+        _atomic_write(target, lambda fh: blob.download_to_file(fh, checksum="crc32c", retry=None))
+
+    _gcs_call("download", uri, fetch, retry)
+    return target, True
+
+
 def exists(uri: str, *, retry: RetryPolicy | None = None) -> bool:
     """True for an existing file or folder; on GCS for an object, or a prefix with objects under it."""
     if not is_gcs(uri):
