@@ -17,6 +17,7 @@ takes raw pixels.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import tensorflow as tf
 from utilities import manifest as manifest_format
 from utilities import storage
 from utilities.manifest import Manifest, one_line
-from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
+from utilities.schema import CLASS_NAMES, METADATA_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
 
 _CHUNK = 1 << 20  # bytes per read when hashing
 _FEATURES = {
@@ -41,6 +42,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 AUTOTUNE = tf.data.AUTOTUNE
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -62,9 +64,22 @@ def load_manifest(path: str | Path) -> Manifest:
     except (OSError, storage.StorageError) as err:
         raise DataError(f"cannot read manifest {name}: {one_line(err)}") from None
     try:
-        return manifest_format.parse(data, name)
+        manifest = manifest_format.parse(data, name)
     except manifest_format.ManifestError as err:
         raise DataError(str(err)) from None
+    _check_metadata_columns(manifest)
+    return manifest
+
+
+def _check_metadata_columns(manifest: Manifest) -> None:
+    """Records whose manifest names other metadata columns (or another order) would be read as wrong ages."""
+    names = tuple((manifest.schema or {}).get("metadata_names") or METADATA_NAMES)
+    if names != METADATA_NAMES:
+        first = next(i for i, (a, b) in enumerate(zip(names, METADATA_NAMES, strict=False)) if a != b)
+        raise DataError(
+            f"manifest {manifest.path} has metadata column {first} = {names[first]!r} where this job reads "
+            f"{METADATA_NAMES[first]!r} (the original DermAID order); re-run tools.prepare on the source images"
+        )
 
 
 def file_sha256(path: str | Path) -> str:
@@ -89,16 +104,18 @@ def _verify_digest(path: Path, expected: str | None, uri: str) -> None:
         )
 
 
-def _fetch_remote(uri: str, expected: str | None, cache: Path) -> Path:
-    """Download `uri` into the cache; a copy named by its sha256 is reused when it still matches."""
-    if expected is None:
-        # Without a checksum a cached copy cannot be told from a changed object: always download.
-        target = cache / f"uri-{hashlib.sha256(uri.encode()).hexdigest()[:32]}.tfrecords"
-    else:
+def _fetch_remote(uri: str, expected: str | None, cache: Path) -> tuple[Path, bool]:
+    """`(local copy, downloaded?)`: a cached copy is reused while it is still the same object.
+
+    With a sha256 in the manifest the copy is named and checked by it; without one (the original's
+    three-key pickles) by the object's generation and crc32c in the bucket (`storage.fetch_to_cache`).
+    """
+    try:
+        if expected is None:
+            return storage.fetch_to_cache(uri, cache)
         target = cache / f"{expected}.tfrecords"
         if target.is_file() and file_sha256(target) == expected:
-            return target
-    try:
+            return target, False
         storage.download_file(uri, target)  # atomic: temp file + rename
     except storage.StorageError as err:
         raise DataError(f"cannot fetch shard {uri}: {one_line(err)}") from None
@@ -107,7 +124,7 @@ def _fetch_remote(uri: str, expected: str | None, cache: Path) -> Path:
     except DataError:
         target.unlink(missing_ok=True)
         raise
-    return target
+    return target, True
 
 
 def _fetch_local(uri: str, expected: str | None, split: str) -> Path:
@@ -122,16 +139,20 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
     """Local paths of every split's shards; gs:// shards are downloaded into `cache_dir`, all checked by sha256."""
     cache = Path(cache_dir)
     local: dict[str, list[str]] = {}
+    fetched = cached = 0
     for split, uris in manifest.splits.items():
         local[split] = []
         for uri in uris:
             expected = manifest.sha256.get(uri)
             if storage.is_gcs(uri):
                 cache.mkdir(parents=True, exist_ok=True)
-                path = _fetch_remote(uri, expected, cache)
+                path, downloaded = _fetch_remote(uri, expected, cache)
+                fetched, cached = fetched + downloaded, cached + (not downloaded)
             else:
                 path = _fetch_local(uri, expected, split)
             local[split].append(str(path))
+    if fetched or cached:
+        log.info("remote shards: %d downloaded, %d found in the cache %s", fetched, cached, cache)
     return local
 
 
