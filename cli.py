@@ -2,9 +2,11 @@
 
     sh dvc_pull.sh -t dataset_v02
     python cli.py -b 32 -e 10 -g 2 -x --manifest Versioning/versioned_paths.pickle --output gs://BUCKET/models
+    python training.py --batch_size 32 -p True      # the original's entry point and spellings: the same command
 
 This is the only module that reads the environment. `--help` does not import TensorFlow.
-Exit codes: 0 success, 2 usage or input error (one line on stderr), 1 failure during the run.
+Exit codes: 0 success, 2 usage or input error (one line on stderr), 1 failure during the run,
+130 interrupted (rerun with the printed --run-id to resume).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import netrc
 import os
 import secrets
 import sys
@@ -47,6 +50,11 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _switch(group, *names: str, help: str) -> None:
+    """An on/off flag that also takes a value, as the original's `-p True`: `-p`, `-p True`, `-p no`."""
+    group.add_argument(*names, nargs="?", const=True, default=False, type=str_to_bool, metavar="BOOL", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -74,10 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--shuffle-buffer", type=int, default=2048, help="examples in the shuffle buffer")
 
     model = parser.add_argument_group("Model")
-    model.add_argument("-f", "--fcnn-nodes", type=int, default=1024, help="width of the metadata dense layer")
+    model.add_argument(
+        "-f", "--fcnn-nodes", "--fcnn_nodes", type=int, default=1024, help="width of the metadata dense layer"
+    )
     model.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a weights file path")
     model.add_argument(
-        "--fine-tune", action="store_true", help="train the backbone too (default: frozen, as the original teacher)"
+        "--freeze-backbone",
+        action="store_true",
+        help="train only the heads on a frozen DenseNet121 (the original's teacher; allows --cache-features)",
+    )
+    model.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="train the whole DenseNet121, as the original base model (the default; kept for older scripts)",
     )
     model.add_argument("--dropout", type=float, default=0.3, help="dropout before each class head")
     model.add_argument(
@@ -88,13 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = parser.add_argument_group("Training")
-    train.add_argument("-b", "--batch-size", type=int, default=64, help="global batch size, split across replicas")
+    train.add_argument(
+        "-b", "--batch-size", "--batch_size", type=int, default=64, help="global batch size, split across replicas"
+    )
     train.add_argument("-e", "--epochs", type=int, default=10, help="epochs")
-    train.add_argument("-l", "--learning-rate", type=float, default=1e-4, help="Adam learning rate")
+    train.add_argument("-l", "--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
     train.add_argument("--patience", type=int, default=3, help="early stopping on val balanced accuracy; 0 disables")
     train.add_argument("--seed", type=int, default=42, help="seed for shuffling, augmentation and initialisation")
     train.add_argument(
-        "-g", "--gpus", type=int, default=1, help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
+        "-g",
+        "--gpus",
+        "--num_gpus",
+        type=int,
+        default=1,
+        help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)",
     )
     train.add_argument(
         "--mixed-precision",
@@ -108,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     comp = parser.add_argument_group("Compression")
-    comp.add_argument("-p", "--prune", action="store_true", help="magnitude pruning fine-tune of the trained model")
+    _switch(comp, "-p", "--prune", "--pruning", help="magnitude pruning fine-tune of the trained model")
     comp.add_argument("--target-sparsity", type=float, default=0.5, help="final sparsity of pruned layers")
     comp.add_argument("--prune-epochs", type=int, default=2, help="fine-tuning epochs under the pruning schedule")
-    comp.add_argument("-d", "--distill", action="store_true", help="train a small student from the trained model")
+    _switch(comp, "-d", "--distill", "--distillation", help="train a small student from the trained model")
     comp.add_argument(
         "--teacher", default=None, help="saved teacher model to distill from (default: the model just trained)"
     )
@@ -129,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bucket URI (gs://…) or local folder (default: gs://$GCS_BUCKET_NAME/models or ./outputs)",
     )
-    out.add_argument("-n", "--model-name", default="base_model", help="run / model name")
+    out.add_argument("-n", "--model-name", "--model_name", default="base_model", help="run / model name")
     out.add_argument(
         "--run-id",
         default=None,
@@ -138,14 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "-x",
         "--tracking",
+        "--experiment_tracking",
         nargs="?",
         const=True,
-        default=False,
+        default=None,
         type=str_to_bool,
-        help="W&B tracking; -x, -x True or -x False",
+        metavar="BOOL",
+        help="W&B tracking: -x, -x True or -x False (default: on when a W&B key is set or `wandb login` was run)",
     )
     out.add_argument("--no-tracking", dest="tracking", action="store_false", help="no W&B tracking")
     out.add_argument("--wandb-project", default="dermaid", help="W&B project")
+    out.add_argument(
+        "--no-saved-model",
+        dest="saved_model",
+        action="store_false",
+        help="skip the SavedModel export beside model/model.keras (~1 min; still done for AIP_MODEL_DIR)",
+    )
     out.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -178,7 +210,35 @@ def tracking_mode(env: Mapping[str, str]) -> str:
     return "online" if env.get("WANDB_API_KEY") else "offline"
 
 
+def wandb_key_source(env: Mapping[str, str]) -> str | None:
+    """Where a W&B key comes from (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes), or None."""
+    if env.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = (env.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    path = env.get("NETRC") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".netrc")
+    try:
+        found = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"wandb login ({path})" if found and found[2] else None
+
+
+def tracking_choice(flag: bool | None, env: Mapping[str, str]) -> tuple[bool, str]:
+    """-x decides when given; otherwise on exactly when a W&B key is available (the original tracked by default)."""
+    if flag is not None:
+        return flag, "W&B tracking " + ("on (-x)" if flag else "off (-x False / --no-tracking)")
+    source = wandb_key_source(env)
+    if source:
+        return True, f"W&B tracking on: key from {source} (-x False turns it off)"
+    return (
+        False,
+        "W&B tracking off: no W&B key (set WANDB_API_KEY, secrets/wandb.txt or run `wandb login`; -x forces it on)",
+    )
+
+
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    if args.freeze_backbone and args.fine_tune:
+        raise ConfigError("--freeze-backbone and --fine-tune contradict each other; choose one")
     bucket = env.get("GCS_BUCKET_NAME")
     output = args.output or (f"gs://{bucket}/models" if bucket else "outputs")
     return Config(
@@ -193,7 +253,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         ),
         model=ModelConfig(
             weights=args.weights,
-            fine_tune=args.fine_tune,
+            fine_tune=not args.freeze_backbone,
             fcnn_nodes=args.fcnn_nodes,
             dropout=args.dropout,
             bn_momentum=args.bn_momentum,
@@ -224,13 +284,17 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
             output=output,
             model_name=args.model_name,
             run_id=args.run_id or new_run_id(),
+            saved_model=args.saved_model,
             model_dir=env.get("AIP_MODEL_DIR"),
             checkpoint_dir=env.get("AIP_CHECKPOINT_DIR"),
             tensorboard_dir=env.get("AIP_TENSORBOARD_LOG_DIR"),
             hp_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE"),
         ),
         tracking=TrackingConfig(
-            enabled=args.tracking, mode=tracking_mode(env), project=args.wandb_project, wandb_dir=env.get("WANDB_DIR")
+            enabled=tracking_choice(args.tracking, env)[0],
+            mode=tracking_mode(env),
+            project=args.wandb_project,
+            wandb_dir=env.get("WANDB_DIR"),
         ),
         cluster=ClusterConfig(
             tf_config=tf_config_from_env(env),
@@ -259,6 +323,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         config = config_from_args(args, env)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))  # exits 2 with usage
+    log.info(tracking_choice(args.tracking, env)[1])
 
     import training  # TensorFlow is imported only past this point
 

@@ -279,7 +279,7 @@ RATE_HEADER = ("side", "examples/s (median)", "min", "max", "spread", "note")
 
 
 def job_model(image_size: int, fine_tune: bool = False, learning_rate: float = 1e-4) -> tf_keras.Model:
-    """The job's model as `cli.py` builds it by default (random weights: no download), compiled."""
+    """The job's model as `cli.py` builds it (random weights: no download), compiled; frozen backbone unless fine_tune."""
     from utilities.config import ModelConfig
     from utilities.model import build_model, compile_model
 

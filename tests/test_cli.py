@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(argv, env=None):
-    return cli.config_from_args(cli.build_parser().parse_args(argv), env or {})
+    return cli.config_from_args(cli.build_parser().parse_args(argv), env or {"HOME": "/nonexistent"})
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,55 @@ def test_original_short_flags_and_defaults():
         1024,
         1,
     )
-    assert d.model.fine_tune is False and d.model.weights == "imagenet"
+    # The original fine-tuned the whole DenseNet121; the frozen backbone (its teacher) is asked for.
+    assert d.model.fine_tune is True and d.model.weights == "imagenet"
+    assert config(["--freeze-backbone"]).model.fine_tune is False and config(["--fine-tune"]).model.fine_tune is True
+
+
+def test_original_long_spellings_and_valued_switches():
+    c = config(
+        "--batch_size 32 --num_gpus 2 --learning_rate 0.01 --fcnn_nodes 8 --model_name m "
+        "--experiment_tracking False --pruning True --distillation 1".split()
+    )
+    assert (c.train.batch_size, c.train.gpus, c.train.learning_rate, c.model.fcnn_nodes) == (32, 2, 0.01, 8)
+    assert (c.output.model_name, c.tracking.enabled, c.compression.prune, c.compression.distill) == (
+        "m",
+        False,
+        True,
+        True,
+    )
+    for argv, expected in (
+        (["-p"], True),
+        (["-p", "True"], True),
+        (["-p", "TRUE"], True),
+        (["-p", "yes"], True),
+        (["-p", "False"], False),
+        (["-p", "no"], False),
+        (["-p", "0"], False),
+        ([], False),
+    ):
+        assert config(argv).compression.prune is expected, argv
+        assert config([a.replace("-p", "-d") for a in argv]).compression.distill is expected, argv
+    both = config(["-p", "-d", "True", "-x", "false"])
+    assert (both.compression.prune, both.compression.distill, both.tracking.enabled) == (True, True, False)
+
+
+def test_tracking_is_on_exactly_when_a_key_is_available(tmp_path):
+    home = {"HOME": str(tmp_path)}
+    assert config([], {**home, "WANDB_API_KEY": "k" * 40}).tracking.enabled is True
+    assert config(["-x", "False"], {**home, "WANDB_API_KEY": "k" * 40}).tracking.enabled is False
+    assert config(["--no-tracking"], {**home, "WANDB_API_KEY": "k" * 40}).tracking.enabled is False
+    assert config([], home).tracking.enabled is False
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert config([], home).tracking.enabled is True  # `wandb login` wrote the key there
+    enabled, line = cli.tracking_choice(None, {"HOME": str(tmp_path / "nowhere")})
+    assert not enabled and "no W&B key" in line and "\n" not in line
+
+
+def test_contradicting_backbone_flags_are_refused():
+    with pytest.raises(ValueError, match="contradict"):
+        config(["--freeze-backbone", "--fine-tune"])
 
 
 def test_environment_is_read_into_config():
@@ -114,6 +162,8 @@ def test_each_run_gets_a_new_run_id():
         (["--target-sparsity", "1.5"], "target-sparsity"),
         (["-q", "int4"], "invalid choice"),
         (["-x", "maybe"], "true/false"),
+        (["-p", "maybe"], "true/false"),
+        (["--distillation", "2"], "true/false"),
         (["--bogus"], "unrecognized"),
         (["-e", "0"], "epochs"),
         (["-n", "../escape"], "model-name"),
@@ -124,6 +174,15 @@ def test_bad_flags_exit_2_with_one_line(argv, message):
     assert out.returncode == 2
     assert message in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("script", ["cli.py", "training.py"])
+def test_training_py_is_the_same_command_as_cli_py(script):
+    """The original README runs `python training.py`; it must train, not import TensorFlow and exit 0."""
+    help_out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0 and "--batch_size" in help_out.stdout and "--freeze-backbone" in help_out.stdout
+    bad = subprocess.run([sys.executable, script, "-p", "maybe"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "true/false" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_help_is_fast_and_does_not_import_tensorflow():

@@ -160,7 +160,11 @@ def student(filters: int = 8, dropout: float = 0.0, seed: int = 0) -> tf_keras.M
 
 
 def _config(**compression: Any) -> Config:
-    return Config(data=DataConfig(image_size=SIZE), compression=CompressionConfig(**compression))
+    return Config(
+        data=DataConfig(image_size=SIZE),
+        model=ModelConfig(fine_tune=False),
+        compression=CompressionConfig(**compression),
+    )
 
 
 def test_check_inputs_rejects_bad_combinations_with_one_line_errors(tmp_path):
@@ -565,7 +569,7 @@ def test_pruning_and_distillation_loop_on_two_replicas(tmp_path):
 def _run_config(**compression: Any) -> Config:
     return Config(
         data=DataConfig(image_size=SIZE),
-        model=ModelConfig(weights="none", fcnn_nodes=16, dropout=0.0),
+        model=ModelConfig(weights="none", fcnn_nodes=16, dropout=0.0, fine_tune=False),
         train=TrainConfig(batch_size=16, epochs=1, patience=0),
         compression=CompressionConfig(student_filters=8, **compression),
     )

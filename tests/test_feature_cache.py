@@ -32,7 +32,7 @@ def _config(cache: str = "auto", fine_tune: bool = False, augment: bool = False,
 @pytest.fixture(scope="module")
 def model() -> tf_keras.Model:
     tf_keras.utils.set_random_seed(0)
-    return build_model(ModelConfig(weights="none", fcnn_nodes=16, dropout=0.0), SIZE)
+    return build_model(ModelConfig(weights="none", fcnn_nodes=16, dropout=0.0, fine_tune=False), SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ from utilities.config import ModelConfig
 from utilities.model import build_model, compile_model
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
-    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), 32)
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=False), 32)
     head = feature_cache.head_model(model)
     compile_model(head, 1e-2)
 rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ def test_balanced_accuracy_metric_is_mean_recall_over_present_classes():
 
 
 def test_frozen_backbone_trains_only_heads_and_fusion(tmp_path):
-    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), image_size=32)
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=False), image_size=32)
     compile_model(model, 1e-3)
     backbone = model.get_layer("densenet121")
     before = [w.numpy().copy() for w in backbone.weights]
@@ -87,7 +87,7 @@ assert m.fusion_weights(model) is not None
 
 
 def test_a_mixed_precision_model_trains_and_exports_a_float32_twin(mixed_precision, tmp_path):
-    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), image_size=32)
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=False), image_size=32)
     compile_model(model, 1e-3)
     assert isinstance(model.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)  # Keras scales the loss
     features, labels = _batch()

@@ -14,7 +14,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wandb-secret-value-0123456789abcdef0123"
-TINY = ["--weights", "none", "--image-size", "32", "-b", "32", "-f", "16", "--patience", "0", "-l", "1e-3"]
+# Exports model/ as model.keras and a SavedModel (the default); TINY skips the minute-long SavedModel.
+TINY_EXPORT = [
+    "--weights",
+    "none",
+    "--freeze-backbone",
+    "--image-size",
+    "32",
+    "-b",
+    "32",
+    "-f",
+    "16",
+    "--patience",
+    "0",
+    "-l",
+    "1e-3",
+]
+TINY = [*TINY_EXPORT, "--no-saved-model"]
 
 
 def run_cli(args, tmp_path, env_extra=None, timeout=600):
@@ -26,7 +42,7 @@ def run_cli(args, tmp_path, env_extra=None, timeout=600):
 
 
 def only_run(out: Path, model_name: str) -> Path:
-    runs = sorted((out / model_name).iterdir())
+    runs = sorted(p for p in (out / model_name).iterdir() if p.is_dir())
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -34,7 +50,7 @@ def only_run(out: Path, model_name: str) -> Path:
 @pytest.mark.slow
 def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
     out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", *TINY]
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", *TINY_EXPORT]
     first = run_cli([*args, "-e", "2", "-x", "--data-tag", "dataset_v01"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = only_run(out, "e2e")
@@ -60,6 +76,26 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
         "assert p.shape == (2, 8) and np.allclose(p.sum(1), 1, atol=1e-4)\n"
     )
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    # ... and as the original's SavedModel did, where this project cannot be imported: TensorFlow alone
+    # (the serving signature), and tf_keras reviving it as a Keras model with the original's layer names.
+    isolated = (
+        "import sys, numpy as np, tensorflow as tf, tf_keras\n"
+        "try:\n    import utilities\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('project importable')\n"
+        f"path = {str(run_dir / 'model')!r}\n"
+        "x = {'image': np.zeros((2, 32, 32, 3), 'float32'), 'metadata': np.zeros((2, 28), 'float32')}\n"
+        "(out,) = tf.saved_model.load(path).signatures['serving_default'](**{k: tf.constant(v) for k, v in x.items()}).values()\n"
+        "keras = tf_keras.models.load_model(path)\n"
+        "assert out.shape == (2, 8) and np.allclose(out.numpy().sum(1), 1, atol=1e-4)\n"
+        "np.testing.assert_allclose(keras.predict(x, verbose=0), out.numpy(), atol=1e-5)\n"
+        "keras.get_layer('densenet121').get_layer('conv5_block16_2_conv')  # Grad-CAM's layer\n"
+    )
+    clean_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TF_USE_LEGACY_KERAS": "1"}
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-c", isolated], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    latest = json.loads((out / "e2e" / "latest.json").read_text())
+    assert latest["run_id"] == run_dir.name and latest["model"] == str(run_dir / "model")
 
     # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
     wandb_runs = list(tmp_path.glob("wandb/offline-run-*"))
@@ -70,10 +106,14 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
     assert SECRET not in first.stdout + first.stderr
 
     # A second run never overwrites the first.
-    second = run_cli([*args, "-e", "1", "--no-augment"], tmp_path)  # frozen + no augmentation: feature cache
+    second = run_cli(
+        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path
+    )  # frozen, no augmentation: cached features
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cached backbone features" in second.stderr
-    assert len(list((out / "e2e").iterdir())) == 2
+    runs = sorted(p.name for p in (out / "e2e").iterdir() if p.is_dir())
+    assert len(runs) == 2 and not (out / "e2e" / runs[-1] / "model" / "saved_model.pb").exists()
+    assert json.loads((out / "e2e" / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     weights: str = "imagenet"  # imagenet | none | path to a weights file for the backbone
-    fine_tune: bool = False  # False: frozen backbone, as the original teacher
+    fine_tune: bool = True  # the whole DenseNet121 trains, as the original base model; False: frozen (its teacher)
     fcnn_nodes: int = 1024  # width of the metadata dense layer
     dropout: float = 0.3
     # Backbone BatchNorm moving-average momentum. DenseNet's 0.99 needs hundreds of steps to
@@ -119,6 +119,7 @@ class OutputConfig:
     tensorboard_dir: str | None = None  # Vertex AIP_TENSORBOARD_LOG_DIR
     hp_metric_file: str | None = None  # CLOUD_ML_HP_METRIC_FILE for hypertune
     staging_dir: str = ".cache/runs"  # local copy of a gs:// run before upload (resume reads it)
+    saved_model: bool = True  # also export model/ as a TF SavedModel (loads with TensorFlow alone; ~1 min)
 
     def __post_init__(self) -> None:
         _check(
@@ -167,7 +168,7 @@ class Config:
     def __post_init__(self) -> None:
         _check(
             not (self.data.cache_features == "on" and self.model.fine_tune),
-            "--cache-features on needs a frozen backbone; drop --fine-tune or use --cache-features auto",
+            "--cache-features on needs a frozen backbone; add --freeze-backbone or use --cache-features auto",
         )
 
     def to_dict(self) -> dict[str, Any]:

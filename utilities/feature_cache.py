@@ -61,7 +61,9 @@ def should_cache(config: Config) -> bool:
     mode = config.data.cache_features
     if mode == "on" and config.model.fine_tune:
         # The cache would freeze a backbone the user asked to train: refuse rather than ignore one flag.
-        raise ConfigError("--cache-features on needs a frozen backbone; drop --fine-tune or use --cache-features auto")
+        raise ConfigError(
+            "--cache-features on needs a frozen backbone; add --freeze-backbone or use --cache-features auto"
+        )
     if mode == "on":
         return True
     return mode == "auto" and not config.model.fine_tune and not config.data.augment
@@ -88,7 +90,7 @@ def feature_extractor(model: tf_keras.Model) -> tf_keras.Model:
     """{"image": (B,S,S,3) 0..255} → pooled backbone features (B, 1024), inference mode, shared layers."""
     backbone = _layer(model, BACKBONE_LAYER)
     if backbone.trainable:
-        raise FeatureCacheError("the backbone is trainable (--fine-tune); cached features would go stale")
+        raise FeatureCacheError("the backbone is trainable (no --freeze-backbone); cached features would go stale")
     image = tf_keras.Input(model.input["image"].shape[1:], name="image")
     x = image
     for name in PREPROCESSING_LAYERS:
