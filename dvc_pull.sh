@@ -2,16 +2,20 @@
 # Fetch one dataset version's manifest from the data registry (DESIGN §2.3):
 #
 #     sh dvc_pull.sh -t dataset_v02 [-r REPO]        # REPO defaults to $DVC_REPO
+#     sh dvc_pull.sh                                   # the tag in $DVC_TAG, as the original README runs it
 #
 # Result: ./Versioning/versioned_paths.pickle as tagged (the same as
 # `dvc get REPO Versioning --rev TAG --force`). REPO is the registry's git path or URL
 # (tools/registry.py builds one). Needs git, dvc and python3 on PATH. With STORAGE_EMULATOR_HOST
 # set, a gs:// DVC remote is read from that emulator.
 # Exit status: 0 done, 2 usage error, 1 anything else (unknown repo or tag, failed download).
-# A token in an https REPO URL (https://user:TOKEN@host/...) is printed as ***.
+# Credentials never reach a command line or the log: a token in an https REPO URL
+# (https://user:TOKEN@host/..., https://TOKEN@host/...) or in $GIT_LOGIN (user:token, or the original's
+# https://user:token) is handed to git and DVC by a private credential helper (git-credentials.sh),
+# and the URL is printed as https://***@host/....
 set -eu
 
-USAGE="usage: sh dvc_pull.sh -t TAG [-r REPO]   (REPO defaults to \$DVC_REPO)"
+USAGE="usage: sh dvc_pull.sh [-t TAG] [-r REPO]   (TAG defaults to \$DVC_TAG, REPO to \$DVC_REPO)"
 
 usage() { # usage [REASON]: one line on stderr, exit 2
     printf '%s%s\n' "$USAGE" "${1:+   -- $1}" >&2
@@ -60,7 +64,7 @@ except Exception as exc:
 print("\n".join("  " + line for line in lines))
 '
 
-tag=""
+tag="${DVC_TAG:-}"
 repo="${DVC_REPO:-}"
 while getopts ":t:r:h" opt; do # leading ':': report bad options ourselves, in one line
     case "$opt" in
@@ -76,7 +80,7 @@ while getopts ":t:r:h" opt; do # leading ':': report bad options ourselves, in o
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || usage "unexpected argument: $(redact "$1")"
-[ -n "$tag" ] || usage "missing -t TAG"
+[ -n "$tag" ] || usage "no dataset tag: pass -t TAG or set DVC_TAG"
 [ -n "$repo" ] || usage "missing -r REPO (or set DVC_REPO)"
 case "$tag" in
 -* | *[!A-Za-z0-9._-]*) usage "invalid tag: use letters, digits, '.', '_', '-'" ;;
@@ -90,8 +94,29 @@ here=$(cd "$(dirname "$0")" && pwd)
 export GIT_TERMINAL_PROMPT=0 DVC_NO_ANALYTICS=1
 # Download beside the destination, then rename: an interrupted pull never leaves half a Versioning/.
 work=$(mktemp -d ./.dvc_pull.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work"; git_credentials_cleanup' EXIT
 trap 'exit 1' HUP INT TERM
+
+# --- Credentials: out of the URL (and argv) into a credential helper ---------------------------------
+git_credentials_cleanup() { :; } # git-credentials.sh replaces it
+if [ -f "$here/git-credentials.sh" ]; then
+    # shellcheck source=git-credentials.sh
+    . "$here/git-credentials.sh"
+    if split_url "$repo"; then
+        if [ -n "$url_user" ]; then
+            login_user=$url_user login_token=$url_token
+        elif [ -n "${GIT_LOGIN:-}" ]; then
+            split_login "$GIT_LOGIN" || usage "GIT_LOGIN must be user:token or https://user:token, on one line"
+        fi
+        repo=$url_clean
+        if [ -n "${login_user:-}" ]; then
+            git_credentials "$url_origin" "$login_user" "${login_token:-}" || die "cannot create a private credential folder"
+        fi
+    fi
+    unset login_token url_token GIT_LOGIN
+else
+    case $repo in *://*@*) die "a registry URL with credentials needs git-credentials.sh beside dvc_pull.sh" ;; esac
+fi
 
 # --- Resolve the tag (peeled: an annotated tag's ^{} line names the commit) ---------------------------
 git ls-remote --tags "$repo" >"$work/tags" 2>"$work/log" || die "cannot read registry $shown: $(explain "$work/log")"

@@ -2,6 +2,7 @@
 # Entry point of the training image: resolves settings and secrets, then runs run-training.sh.
 #
 #   run-commands.sh [GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KEY DVC_TAG NUM_GPU] [--] [cli.py args...]
+#   run-commands.sh --shell      # the same set-up, then an interactive bash (docker-shell.sh's default)
 #   docker run IMAGE my-project my-bucket - - dataset_v02 1 -- -e 20 -x
 #
 # The six positionals are the original Vertex AI job's interface and stay accepted, all six or none.
@@ -12,13 +13,15 @@
 #   for the secrets, a Secret Manager version named by GIT_LOGIN_SECRET / WANDB_API_KEY_SECRET
 #   ("projects/P/secrets/S[/versions/V]"), read with the job's own credentials (how
 #   tools/vertex_submit.py provides them: a Vertex AI job spec has no secret fields).
-# GCS_BUCKET_NAME and DVC_TAG are required, NUM_GPU defaults to 1, DVC_REPO comes from the environment.
-# GOOGLE_APPLICATION_CREDENTIALS passes through; if unset, $SECRETS_DIR/gcp.json is used when present.
+# GCS_BUCKET_NAME and DVC_TAG are required (not with --shell), NUM_GPU defaults to 1, DVC_REPO comes
+# from the environment (the image sets a default registry). GOOGLE_APPLICATION_CREDENTIALS passes
+# through; if unset, $SECRETS_DIR/gcp.json or the original's $SECRETS_DIR/ac215-dermaid.json is used.
 #
 # Secrets: never printed, never on a command line we start, never in a file outside a private
-# directory (mktemp -d, mode 0700) deleted on exit. GIT_LOGIN ("user:token") reaches the data
-# registry through a git credential helper scoped to DVC_REPO's https origin; WANDB_API_KEY reaches
-# only the environment of the training process; without it W&B runs offline.
+# directory (mktemp -d, mode 0700) deleted on exit. GIT_LOGIN ("user:token", or the original's
+# "https://user:token") reaches the data registry through a git credential helper scoped to
+# DVC_REPO's https origin (git-credentials.sh); WANDB_API_KEY reaches only the environment of the
+# training process, which then tracks with W&B; without it W&B is off (or offline with -x).
 # Exit status: 2 for usage errors, otherwise run-training.sh's (that is cli.py's).
 set -euo pipefail
 
@@ -27,6 +30,8 @@ readonly USAGE="usage: $PROG [GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KE
 readonly NAMES=(GCP_PROJECT GCS_BUCKET_NAME GIT_LOGIN WANDB_API_KEY DVC_TAG NUM_GPU)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=git-credentials.sh
+. "$here/git-credentials.sh"
 secrets_dir=${SECRETS_DIR:-/secrets}
 python=${PYTHON:-python}
 
@@ -48,6 +53,12 @@ warn() {
 if (($#)) && [[ $1 == -h || $1 == --help ]]; then
     printf '%s\n' "$USAGE"
     exit 0
+fi
+shell=0
+if (($#)) && [[ $1 == --shell ]]; then
+    shell=1
+    shift
+    (($# == 0)) || usage_error "--shell takes no other argument"
 fi
 positional=()
 while (($#)) && ((${#positional[@]} < 6)); do
@@ -124,80 +135,60 @@ except Exception as exc:  # one line, and never the payload
 [[ -n $WANDB_API_KEY ]] || read_secret_file "$secrets_dir/wandb.txt" WANDB_API_KEY
 if [[ -z $GIT_LOGIN && -n ${GIT_LOGIN_SECRET:-} ]]; then read_secret_manager GIT_LOGIN_SECRET GIT_LOGIN; fi
 if [[ -z $WANDB_API_KEY && -n ${WANDB_API_KEY_SECRET:-} ]]; then read_secret_manager WANDB_API_KEY_SECRET WANDB_API_KEY; fi
-if [[ -z ${GOOGLE_APPLICATION_CREDENTIALS:-} && -f $secrets_dir/gcp.json ]]; then
-    export GOOGLE_APPLICATION_CREDENTIALS=$secrets_dir/gcp.json
-fi
+for key_file in gcp.json ac215-dermaid.json; do # ours, then the original's name
+    if [[ -z ${GOOGLE_APPLICATION_CREDENTIALS:-} && -f $secrets_dir/$key_file ]]; then
+        export GOOGLE_APPLICATION_CREDENTIALS=$secrets_dir/$key_file
+    fi
+done
 
-[[ -n $GCS_BUCKET_NAME ]] || usage_error "GCS_BUCKET_NAME is required (argument 2 or environment)"
-[[ -n $DVC_TAG ]] || usage_error "DVC_TAG is required (argument 5 or environment)"
+if ((!shell)); then
+    [[ -n $GCS_BUCKET_NAME ]] || usage_error "GCS_BUCKET_NAME is required (argument 2 or environment)"
+    [[ -n $DVC_TAG ]] || usage_error "DVC_TAG is required (argument 5 or environment)"
+fi
 [[ $DVC_TAG != -* ]] || usage_error "DVC_TAG must not start with -"
 NUM_GPU=${NUM_GPU:-1}
 [[ $NUM_GPU =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "NUM_GPU must be a positive integer"
 
-export GCS_BUCKET_NAME DVC_TAG NUM_GPU
-if [[ -n $GCP_PROJECT ]]; then export GCP_PROJECT; fi
+export NUM_GPU
+for name in GCS_BUCKET_NAME DVC_TAG GCP_PROJECT; do
+    if [[ -n ${!name} ]]; then export "${name?}"; else unset "$name"; fi
+done
 # Never ask on a terminal: a container has none and a prompt would hang the job.
 export GIT_TERMINAL_PROMPT=0
 
 # ---- W&B ---------------------------------------------------------------------------------------------
+# With a key, cli.py tracks by default (as the original did); without one it does not track unless
+# asked with -x, and then offline: anything else would try the network without a key.
 if [[ -n $WANDB_API_KEY ]]; then
     export WANDB_API_KEY
 else
     unset WANDB_API_KEY
-    # "disabled" is a deliberate choice; anything else would try the network without a key.
     [[ ${WANDB_MODE:-} == disabled ]] || export WANDB_MODE=offline
 fi
 
 # ---- git credentials for the data registry ------------------------------------------------------
-# A credential helper in a private directory answers git and DVC (dulwich reads the same config
-# file). GIT_CONFIG_GLOBAL points at a config holding only the helper's path, so neither the
-# token nor the helper ever lands in ~/.gitconfig or in a repository's .git/config.
-cred_dir=""
-# shellcheck disable=SC2329  # invoked by the EXIT trap
-cleanup() {
-    if [[ -n $cred_dir ]]; then rm -rf -- "$cred_dir"; fi
-}
-trap cleanup EXIT
-
+trap git_credentials_cleanup EXIT
 if [[ -n $GIT_LOGIN ]]; then
-    user=${GIT_LOGIN%%:*}
-    token=${GIT_LOGIN#*:}
-    if [[ $GIT_LOGIN != *:* || -z $user || -z $token || $GIT_LOGIN == *[[:cntrl:]]* ]]; then
-        usage_error "GIT_LOGIN must be user:token on one line"
-    fi
-    if [[ ${DVC_REPO:-} =~ ^(https?://)([^/@]*@)?([^/]+) ]]; then
-        origin=${BASH_REMATCH[1]}${BASH_REMATCH[3]}
-        saved_umask=$(umask)
-        umask 077
-        cred_dir=$(mktemp -d "${TMPDIR:-/tmp}/dermaid-git.XXXXXX")
-        # The helper runs through sh (git and dulwich both honour "!"); a quote would break it.
-        [[ $cred_dir != *"'"* ]] || die "temporary directory path contains a quote: $cred_dir"
-        printf 'username=%s\npassword=%s\n' "$user" "$token" >"$cred_dir/credential"
-        cat >"$cred_dir/helper" <<'HELPER'
-#!/bin/sh
-# git credential helper (gitcredentials(7)): answers "get" from the file beside it.
-while IFS= read -r line && [ -n "$line" ]; do :; done
-[ "$1" = get ] && exec cat "$(dirname "$0")/credential"
-exit 0
-HELPER
-        chmod 700 "$cred_dir/helper"
-        {
-            # Keep the user's own settings (proxies, URL rewrites) when running outside the image.
-            user_config=${GIT_CONFIG_GLOBAL:-${HOME:-/nonexistent}/.gitconfig}
-            if [[ -f $user_config ]]; then printf '[include]\n\tpath = %s\n' "$user_config"; fi
-            printf '[credential "%s"]\n\thelper = !'"'"'%s'"'"'\n' "$origin" "$cred_dir/helper"
-        } >"$cred_dir/gitconfig"
-        export GIT_CONFIG_GLOBAL=$cred_dir/gitconfig
-        umask "$saved_umask"
+    split_login "$GIT_LOGIN" || usage_error "GIT_LOGIN must be user:token or https://user:token, on one line"
+    if split_url "${DVC_REPO:-}"; then
+        git_credentials "$url_origin" "$login_user" "$login_token" || die "cannot create a private credential folder"
     else
         warn "GIT_LOGIN is not used: DVC_REPO is not an https URL"
     fi
 fi
-unset GIT_LOGIN user token
+unset GIT_LOGIN login_user login_token
 
-# ---- train ------------------------------------------------------------------------------------------
+# ---- train (or the interactive shell) ----------------------------------------------------------------
 # A child rather than exec, so that the credential directory is removed when training ends.
 # Docker and Vertex AI stop a job with SIGTERM to this process: pass it on and wait for the child.
+if ((shell)); then
+    printf '%s: shell with DVC_TAG=%s NUM_GPU=%s; run: sh dvc_pull.sh, then python cli.py [flags]\n' \
+        "$PROG" "${DVC_TAG:-(unset)}" "$NUM_GPU" >&2
+    # Interactive on a terminal; with commands piped in, it runs them. Foreground: no signal relay.
+    status=0
+    bash || status=$?
+    exit "$status"
+fi
 bash "$here/run-training.sh" "$@" &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT

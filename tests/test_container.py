@@ -50,6 +50,7 @@ record = {{
     "env_names": sorted(os.environ),
     "wandb_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key is not None else None,
     "wandb_mode": os.environ.get("WANDB_MODE"),
+    "google_application_credentials": os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
 }}
 with open(os.path.join(os.environ["FAKE_RECORD_DIR"], "cli.json"), "w") as f:
     json.dump(record, f)
@@ -119,6 +120,7 @@ class Job:
             ["bash", str(ROOT / script), *args],
             cwd=self.work,
             env={**self.env, **env},
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -126,11 +128,11 @@ class Job:
         )
 
     def run(
-        self, *args: str, script: str = "run-commands.sh", timeout: float = 60, **env: str
+        self, *args: str, script: str = "run-commands.sh", timeout: float = 60, stdin: str = "", **env: str
     ) -> subprocess.CompletedProcess:
         proc = self.start(*args, script=script, **env)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -188,9 +190,11 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", ["docker-shell.sh", "run-commands.sh", "run-training.sh"])
+@pytest.mark.parametrize(
+    "script", ["docker-shell.sh", "run-commands.sh", "run-training.sh", "dvc_pull.sh", "git-credentials.sh"]
+)
 def test_shell_scripts_pass_shellcheck(script):
-    result = subprocess.run([BIN / "shellcheck", script], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([BIN / "shellcheck", "-x", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -312,6 +316,35 @@ def test_secrets_from_files_with_windows_line_ends(job):
     assert "warning" not in result.stderr
     assert_secrets_delivered(job)
     assert_no_leak(job, result)
+
+
+def test_the_originals_git_login_form_and_key_file_name(job):
+    """Original users wrote `https://<user>:<token>` in git.txt and named their key ac215-dermaid.json."""
+    (job.secrets / "git.txt").write_text(f"https://{GIT_LOGIN}\n")
+    (job.secrets / "wandb.txt").write_text(WANDB_KEY)
+    (job.secrets / "ac215-dermaid.json").write_text("{}")
+    result = job.run("p-1", "b-1", "-", "-", "t", "1")
+    assert result.returncode == 0, result.stderr
+    assert_secrets_delivered(job)
+    assert_no_leak(job, result)
+    assert job.cli()["google_application_credentials"] == str(job.secrets / "ac215-dermaid.json")
+    assert job.cli()["wandb_mode"] is None  # a key: cli.py tracks online by default, as the original
+
+
+def test_shell_mode_prepares_credentials_and_runs_piped_commands(job):
+    """docker-shell.sh's default: the job's set-up, then a shell; the credential folder outlives no shell."""
+    (job.secrets / "git.txt").write_text(GIT_LOGIN)
+    commands = (
+        'echo "tag=$DVC_TAG gpus=$NUM_GPU"\n'
+        "printf 'protocol=https\\nhost=registry.test\\n\\n' | git credential fill | grep -c '^password='\n"
+        'ls "$TMPDIR" | wc -l\n'
+    )
+    result = job.run("--shell", stdin=commands, DVC_TAG="dataset_v09")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["tag=dataset_v09", "gpus=1", "1", "1"]
+    assert "run: sh dvc_pull.sh, then python cli.py" in result.stderr
+    assert_no_leak(job, result)
+    assert job.run("--shell", "-e", "1").returncode == 2
 
 
 def test_positional_secrets_still_work_with_a_warning(job):
@@ -447,7 +480,10 @@ def fake_docker(tmp_path: Path):
     bin_dir.mkdir()
     log = tmp_path / "docker.log"
     docker = bin_dir / "docker"
-    docker.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {log}\necho --- >> {log}\n')
+    # No BuildKit (as here): `docker buildx version` fails and is not logged.
+    docker.write_text(
+        f'#!/bin/sh\n[ "$1" != buildx ] || exit 1\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {log}\necho --- >> {log}\n'
+    )
     docker.chmod(0o755)
 
     def run(*args: str, gpu: bool | None = None, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
@@ -458,7 +494,7 @@ def fake_docker(tmp_path: Path):
             smi.chmod(0o755)
         log.unlink(missing_ok=True)
         result = subprocess.run(
-            ["bash", repo / "docker-shell.sh", *args],
+            ["sh", repo / "docker-shell.sh", *args],  # sh is dash here, as on Debian and Ubuntu
             env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), **env},
             capture_output=True,
             text=True,
@@ -480,11 +516,14 @@ def test_docker_shell_passes_secrets_by_name_only(fake_docker):
         GIT_LOGIN=GIT_LOGIN,
         WANDB_API_KEY=WANDB_KEY,
         DVC_TAG="t",
-        PIP_INDEX_URL="https://user:pw@idx/simple",
+        PIP_INDEX_URL="https://idx.test/simple",
     )
     assert result.returncode == 0, result.stderr
     assert build[:5] == ["build", "--target", "cpu", "-t", "dermaid-training"] and build[-1].endswith("/repo")
-    assert "id=pip_index_url,env=PIP_INDEX_URL" in build and not any("user:pw" in a for a in build)
+    assert build[build.index("PIP_INDEX_URL=https://idx.test/simple") - 1] == "--build-arg"
+    # A build argument is stored in the image history: an index URL with credentials is refused.
+    refused, calls = fake_docker(gpu=False, PIP_INDEX_URL="https://user:pw@idx/simple")
+    assert refused.returncode == 2 and calls == [] and "user:pw" not in refused.stderr
     assert run[0] == "run" and "--gpus" not in run
     for name in ("GIT_LOGIN", "WANDB_API_KEY", "DVC_TAG"):
         assert run[run.index(name) - 1] == "-e"
@@ -501,7 +540,25 @@ def test_docker_shell_uses_gpus_only_when_nvidia_smi_works(fake_docker):
     assert build[2] == "cpu" and "--gpus" not in run
     _, calls = fake_docker("--no-build", "--gpu", gpu=None)
     (run,) = calls
-    assert "--gpus" in run and run[-1] == "dermaid-training-gpu"
+    assert "--gpus" in run and run[-2:] == ["dermaid-training-gpu", "--shell"]
+
+
+def test_docker_shell_opens_a_shell_with_the_originals_defaults(fake_docker, tmp_path):
+    """`sh docker-shell.sh` alone, as in the original README: a shell inside, DVC_TAG and NUM_GPU defaulted."""
+    result, (build, run) = fake_docker(gpu=False)
+    assert result.returncode == 0, result.stderr
+    assert "DVC_TAG not set: using the original's default dataset_v09" in result.stderr
+    assert "NUM_GPU not set: using 1" in result.stderr
+    assert run[-2:] == ["dermaid-training", "--shell"] and "-i" in run  # commands come from stdin
+    for name in ("DVC_TAG", "NUM_GPU"):
+        assert run[run.index(name) - 1] == "-e"
+    result, _ = fake_docker("--no-build", gpu=False, DVC_TAG="dataset_v02", NUM_GPU="2")
+    assert "not set" not in result.stderr
+    # The original's layout kept secrets/ beside the training folder, one level up.
+    (tmp_path / "repo" / "secrets").rmdir()
+    (tmp_path / "secrets").mkdir()
+    _, (run,) = fake_docker("--no-build", gpu=False)
+    assert run[run.index("-v") + 1] == f"{tmp_path}/secrets:/secrets:ro"
 
 
 def test_docker_shell_mounts_application_credentials(fake_docker, tmp_path):
@@ -510,7 +567,7 @@ def test_docker_shell_mounts_application_credentials(fake_docker, tmp_path):
     result, (run,) = fake_docker("--no-build", "--shell", gpu=False, GOOGLE_APPLICATION_CREDENTIALS=str(key))
     assert result.returncode == 0, result.stderr
     assert f"{key}:/gcp/credentials.json:ro" in run and "GOOGLE_APPLICATION_CREDENTIALS=/gcp/credentials.json" in run
-    assert run[run.index("--entrypoint") + 1] == "/bin/bash"
+    assert run[-1] == "--shell"
     result, _ = fake_docker("--no-build", gpu=False, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "not a file" in result.stderr
 
@@ -543,7 +600,22 @@ def test_end_to_end_run_commands_trains_from_the_registry_into_the_bucket(prepar
     (job.secrets / "wandb.txt").write_text(WANDB_KEY + "\n")
     result = job.run(
         *("p-1", bucket, "-", "-", "dataset_v01", "1", "--"),
-        *("--weights", "none", "--image-size", "32", "-b", "16", "-e", "1", "-f", "8", "--patience", "0"),
+        *(
+            "--weights",
+            "none",
+            "--freeze-backbone",
+            "--no-saved-model",
+            "--image-size",
+            "32",
+            "-b",
+            "16",
+            "-e",
+            "1",
+            "-f",
+            "8",
+            "--patience",
+            "0",
+        ),
         *("-n", "e2e", "-x", "--cache-dir", str(job.work / "cache")),
         GIT_LOGIN=GIT_LOGIN,  # a local registry needs none: it is dropped with a warning
         WANDB_MODE="offline",
@@ -649,6 +721,32 @@ def test_git_login_opens_a_private_registry_for_dvc(tmp_path):
         assert (job.work / "Versioning" / "versioned_paths.pickle").read_bytes() == manifest.read_bytes()
         assert _GitOverHttp.authorized > 0
         assert_no_leak(job, result)
+
+        # The original's `https://user:token` form, and a token inside DVC_REPO itself: dvc_pull.sh takes
+        # it out of the URL into the credential helper, so no git or dvc command line ever holds it.
+        shims, argv_log = tmp_path / "shims", tmp_path / "argv.log"
+        shims.mkdir()
+        for tool, real in (("git", "/usr/bin/git"), ("dvc", str(BIN / "dvc"))):
+            (shims / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {argv_log}\nexec {real} "$@"\n')
+            (shims / tool).chmod(0o755)
+        port = server.server_address[1]
+        for env in (
+            {"DVC_REPO": f"http://{GIT_LOGIN}@127.0.0.1:{port}/registry.git"},
+            {"DVC_REPO": f"http://127.0.0.1:{port}/registry.git", "GIT_LOGIN": f"https://{GIT_LOGIN}"},
+        ):
+            pulled = subprocess.run(
+                ["sh", str(ROOT / "dvc_pull.sh")],
+                cwd=job.work,
+                env={**job.env, "PATH": f"{shims}:{job.env['PATH']}", "DVC_TAG": "dataset_v01", **env},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert pulled.returncode == 0, pulled.stderr
+            assert TOKEN not in pulled.stdout + pulled.stderr
+            assert ("registry: http://***@127.0.0.1" in pulled.stdout) == ("GIT_LOGIN" not in env)
+            assert argv_log.read_text().count("127.0.0.1") >= 2 and TOKEN not in argv_log.read_text()
+            assert list(job.tmpdir.iterdir()) == [], "the credential folder is removed"
 
         # Without the login the registry stays closed, with a one-line error and no prompt.
         (job.secrets / "git.txt").unlink()

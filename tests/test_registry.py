@@ -36,7 +36,7 @@ def _manifest(path: Path, n_train: int, counts: dict | None = None) -> Path:
 
 
 def _pull(cwd: Path, *args: str, env: dict[str, str] | None = None, script: Path = PULL) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k != "DVC_REPO"}
+    base = {k: v for k, v in os.environ.items() if k not in ("DVC_REPO", "DVC_TAG", "GIT_LOGIN")}
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
@@ -120,7 +120,9 @@ def test_meaningful_line_prefers_errors_and_redacts() -> None:
 def test_pull_usage_errors(tmp_path: Path) -> None:
     for args in ([], ["-r", str(tmp_path)], ["-t", "dataset_v01"], ["-t", "v1", "-x"], ["-t", "a b", "-r", "r"]):
         proc = _pull(tmp_path, *args)
-        assert proc.returncode == 2 and _one_line_error(proc).startswith("usage: sh dvc_pull.sh -t TAG"), args
+        assert proc.returncode == 2 and _one_line_error(proc).startswith("usage: sh dvc_pull.sh [-t TAG]"), args
+    # The original README runs `sh dvc_pull.sh` with DVC_TAG set; with neither, the error names both ways.
+    assert "pass -t TAG or set DVC_TAG" in _one_line_error(_pull(tmp_path, "-r", "r"))
 
 
 def test_pull_unknown_repo_is_one_line_and_redacted(tmp_path: Path) -> None:
@@ -134,7 +136,7 @@ def test_pull_unknown_repo_is_one_line_and_redacted(tmp_path: Path) -> None:
 
 
 def test_pull_script_is_shellcheck_clean() -> None:
-    proc = subprocess.run([str(BIN / "shellcheck"), str(PULL)], capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "shellcheck"), "-x", str(PULL)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -183,7 +185,7 @@ def test_pull_each_tag_byte_for_byte(local_registry: dict, tmp_path: Path) -> No
     assert f"commit: {local_registry['sha1']}" in first.stdout
     assert "train: 2 shards, 150 images" in first.stdout and b"gs://data" not in first.stdout.encode()
 
-    second = _pull(cwd, "-t", "dataset_v02", env={"DVC_REPO": str(reg)})  # DVC_REPO instead of -r
+    second = _pull(cwd, env={"DVC_REPO": str(reg), "DVC_TAG": "dataset_v02"})  # as the original: no flags
     assert second.returncode == 0, second.stderr
     assert pulled.read_bytes() == local_registry["m2"].read_bytes()
     assert f"commit: {local_registry['sha2']}" in second.stdout
