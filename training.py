@@ -20,7 +20,6 @@ if __name__ == "__main__":  # `python training.py …`, the original's entry poi
 import datetime as dt
 import json
 import logging
-import math
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ import tensorflow as tf
 import tf_keras
 
 from utilities import data, distribution, evaluation, feature_cache, storage, tracking, variant_eval
+from utilities.callbacks import NanGuard, ResumeProbe
 from utilities.config import Config, ConfigError
 from utilities.model import ModelError, build_model, compile_model, fusion_weights, load_model, save_model
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """A run that cannot start or continue as asked; the message is one line."""
-
-
-class NanLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names epoch and step."""
 
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
@@ -215,28 +211,6 @@ def local_mount(uri: str) -> str:
 
 
 # ---------------------------------------------------------------------- training
-
-
-class NanGuard(tf_keras.callbacks.Callback):
-    """Stops the run at the first non-finite loss, naming epoch and step (TerminateOnNaN names neither)."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NanLossError(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}; lower --learning-rate")
-
-
-class ResumeProbe(tf_keras.callbacks.Callback):
-    """Records the epoch `fit` starts from (after BackupAndRestore has restored its state)."""
-
-    start_epoch: int | None = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.start_epoch is None:
-            self.start_epoch = epoch
 
 
 def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -> int:

@@ -76,8 +76,24 @@ def test_original_short_flags_and_defaults():
 
 def test_original_long_spellings_and_valued_switches():
     c = config(
-        "--batch_size 32 --num_gpus 2 --learning_rate 0.01 --fcnn_nodes 8 --model_name m "
-        "--experiment_tracking False --pruning True --distillation 1".split()
+        [
+            "--batch_size",
+            "32",
+            "--num_gpus",
+            "2",
+            "--learning_rate",
+            "0.01",
+            "--fcnn_nodes",
+            "8",
+            "--model_name",
+            "m",
+            "--experiment_tracking",
+            "False",
+            "--pruning",
+            "True",
+            "--distillation",
+            "1",
+        ]
     )
     assert (c.train.batch_size, c.train.gpus, c.train.learning_rate, c.model.fcnn_nodes) == (32, 2, 0.01, 8)
     assert (c.output.model_name, c.tracking.enabled, c.compression.prune, c.compression.distill) == (
@@ -167,6 +183,7 @@ def test_each_run_gets_a_new_run_id():
         (["--bogus"], "unrecognized"),
         (["-e", "0"], "epochs"),
         (["-n", "../escape"], "model-name"),
+        (["--teacher", "teacher.keras"], "only used with -d"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message):

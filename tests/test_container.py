@@ -545,7 +545,7 @@ def test_docker_shell_uses_gpus_only_when_nvidia_smi_works(fake_docker):
 
 def test_docker_shell_opens_a_shell_with_the_originals_defaults(fake_docker, tmp_path):
     """`sh docker-shell.sh` alone, as in the original README: a shell inside, DVC_TAG and NUM_GPU defaulted."""
-    result, (build, run) = fake_docker(gpu=False)
+    result, (_, run) = fake_docker(gpu=False)
     assert result.returncode == 0, result.stderr
     assert "DVC_TAG not set: using the original's default dataset_v09" in result.stderr
     assert "NUM_GPU not set: using 1" in result.stderr

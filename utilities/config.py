@@ -105,6 +105,7 @@ class CompressionConfig:
         _check(0.0 <= self.alpha <= 1.0, f"--alpha {self.alpha} must be in [0, 1]")
         _check(self.student_epochs >= 0, "--student-epochs must be >= 0")
         _check(self.student_filters >= 1, "--student-filters must be at least 1")
+        _check(not self.teacher or self.distill, "--teacher is only used with -d/--distill; add -d or drop --teacher")
         for mode in self.quantize:
             _check(mode in QUANTIZE_MODES, f"unknown --quantize {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
 

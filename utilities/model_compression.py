@@ -45,6 +45,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities import evaluation, model_quantization, variant_eval
+from utilities.callbacks import NanGuard, ResumeProbe
 from utilities.config import CompressionConfig, Config, ConfigError
 from utilities.model import (
     BalancedAccuracy,
@@ -87,8 +88,6 @@ def check_inputs(config: Config, train_examples: int | None = None, load_teacher
     fit the data) with a one-line message. `train_examples=None` skips the data-dependent checks.
     """
     c = config.compression
-    if c.teacher and not c.distill:
-        raise ConfigError("--teacher is only used with -d/--distill; add -d or drop --teacher")
     if train_examples == 0:
         needs_train = [
             flag for flag, on in (("-p", c.prune), ("-d", c.distill), ("-q int8", "int8" in c.quantize)) if on
@@ -246,6 +245,7 @@ class PruningStep(CompressionStep):
             # A rerun resumes the fine-tune (masks and pruning step are model variables).
             tf_keras.callbacks.BackupAndRestore(str(ctx.folder.checkpoints / "pruned_backup")),
             tfmot.sparsity.keras.UpdatePruningStep(),
+            NanGuard("pruning fine-tune"),
             EpochLogger(ctx.tracker, prefix="pruned"),
         ]
 
@@ -568,10 +568,11 @@ def epoch_row(prefix: str, epoch: int, logs: Mapping[str, Any]) -> dict[str, flo
 def _fit_distiller(
     distiller: Distiller, datasets, epochs: int, patience: int, checkpoint_dir: Path, tracker, prefix: str
 ):
-    probe = _StartProbe()
+    probe = ResumeProbe()
     callbacks = [
         tf_keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),  # a rerun resumes
         probe,
+        NanGuard("distillation"),
         EpochLogger(tracker, prefix),
     ]
     if patience > 0:
@@ -588,14 +589,6 @@ def _fit_distiller(
         "epochs_run": len(scores),
         "best_val_balanced_accuracy": max(scores) if scores else None,
     }
-
-
-class _StartProbe(tf_keras.callbacks.Callback):
-    start_epoch: int | None = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.start_epoch is None:
-            self.start_epoch = epoch
 
 
 # ====================================================================== distillation: per-replica loop
