@@ -34,7 +34,15 @@ import tf_keras
 from utilities import data, distribution, evaluation, feature_cache, storage, tracking, variant_eval
 from utilities.callbacks import NanGuard, ResumeProbe
 from utilities.config import Config, ConfigError
-from utilities.model import ModelError, build_model, compile_model, fusion_weights, load_model, save_model
+from utilities.model import (
+    ModelError,
+    build_model,
+    compile_model,
+    fusion_weights,
+    load_model,
+    recalibrate_batchnorm,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,8 @@ def run(config: Config) -> RunResult:
         # Every worker saves (saving reads synced variables: collective ops); a non-chief copy is discarded.
         save_model(model, folder.path("model"))
         metrics = {"headline": "balanced_accuracy", "variants": {}}
+        if cluster.is_chief and config.model.fine_tune:
+            lineage["training"]["batchnorm_batches"] = recalibrate(model, datasets, folder, cluster.num_workers)
         if cluster.is_chief:
             # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
             # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
@@ -153,6 +163,8 @@ def run(config: Config) -> RunResult:
             compress_strategy = strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
             variants = run_compression(config, evaluated, datasets, folder, compress_strategy, tracker, metrics)
             metrics["variants"].update(variants)
+            for line in evaluation.collapse_warnings(metrics):
+                log.warning(line)
 
         # -------------------------------------------------------------- outputs (run.json last)
         lineage["finished"] = _now()
@@ -257,6 +269,22 @@ def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -
         verbose=2,
     )
     return probe.start_epoch or 0
+
+
+def recalibrate(model, datasets, folder: RunFolder, num_workers: int) -> int:
+    """Re-estimate the fine-tuned backbone's BatchNorm statistics on clean training batches (precise BN).
+
+    On the saved float32 copy, outside the strategy (an eager forward pass per batch); the export is
+    rewritten and, with one worker, the statistics are copied back into the trained model, which the
+    evaluation and compression steps use.
+    """
+    copy = load_model(folder.path("model"))
+    used = recalibrate_batchnorm(copy, datasets.train_clean or datasets.train)
+    save_model(copy, folder.path("model"))
+    if num_workers == 1:
+        model.set_weights(copy.get_weights())
+    log.info("BatchNorm statistics re-estimated on %d training batches (no augmentation)", used)
+    return used
 
 
 def read_history(path: Path) -> dict[str, list[float]]:

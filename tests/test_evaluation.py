@@ -216,3 +216,19 @@ def test_report_without_test_metrics_or_history(tmp_path):
     text = path.read_text()
     assert "| student | — |" in text
     assert "confusion_matrix.png" not in text and (tmp_path / "training_curves.png").exists()
+
+
+def test_a_variant_answering_one_class_is_flagged_with_its_agreement(tmp_path):
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    constant = ev.compute_metrics(y_true, _probs_for([1] * 10), NAMES)
+    assert (constant["top_class"], constant["top_class_share"]) == ("B", 1.0)
+    metrics = _metrics()
+    metrics["variants"]["int8"] = {"val": constant, "agreement": 1.0}  # "agreement" with a constant model
+    (line,) = ev.collapse_warnings(metrics)
+    assert (
+        line
+        == "int8 predicts B for 100% of val (balanced accuracy 0.250); its agreement 1.000 with the float model means as little"
+    )
+    text = ev.write_report(tmp_path, metrics, {}, {}).read_text()
+    assert f"> **Warning:** {line}." in text
+    assert ev.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag

@@ -112,3 +112,28 @@ def test_a_mixed_precision_model_trains_and_exports_a_float32_twin(mixed_precisi
 def test_bad_weights_path_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="neither"):
         build_model(ModelConfig(weights=str(tmp_path / "missing.h5")), image_size=32)
+
+
+def test_batchnorm_recalibration_sets_moving_statistics_to_the_mean_of_batch_statistics():
+    from utilities.model import recalibrate_batchnorm
+
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), image_size=32)  # fine-tuned: BN trainable
+    backbone = model.get_layer("densenet121")
+    bn = backbone.get_layer("conv1/bn")
+    conv = tf_keras.Model(backbone.input, backbone.get_layer("conv1/conv").output)
+    preprocess = tf_keras.Model(model.get_layer("scale_0_1").input, model.get_layer("imagenet_norm").output)
+    batches = [_batch(seed=s) for s in (1, 2, 3)]
+    means = [tf.reduce_mean(conv(preprocess(f["image"])), axis=(0, 1, 2)).numpy() for f, _ in batches]
+    assert not np.allclose(bn.moving_mean.numpy(), np.mean(means, axis=0), atol=1e-3)  # the premise
+
+    used = recalibrate_batchnorm(
+        model,
+        tf.data.Dataset.from_tensor_slices(batches[0])
+        .batch(8)
+        .concatenate(tf.data.Dataset.from_tensor_slices(batches[1]).batch(8))
+        .concatenate(tf.data.Dataset.from_tensor_slices(batches[2]).batch(8)),
+    )
+    assert used == 3 and bn.momentum == 0.99  # momentum restored
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(means, axis=0), rtol=1e-3, atol=1e-4)
+    frozen = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=False), image_size=32)
+    assert recalibrate_batchnorm(frozen, tf.data.Dataset.from_tensor_slices(batches[0]).batch(8)) == 0

@@ -14,22 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wandb-secret-value-0123456789abcdef0123"
-# Exports model/ as model.keras and a SavedModel (the default); TINY skips the minute-long SavedModel.
-TINY_EXPORT = [
-    "--weights",
-    "none",
-    "--freeze-backbone",
-    "--image-size",
-    "32",
-    "-b",
-    "32",
-    "-f",
-    "16",
-    "--patience",
-    "0",
-    "-l",
-    "1e-3",
-]
+# The default model fine-tunes the whole DenseNet121 and exports a SavedModel beside model.keras; most
+# tests freeze the backbone (faster) and skip the minute-long SavedModel.
+FINE_TUNED = ["--weights", "none", "--image-size", "32", "-b", "32", "-f", "16", "--patience", "0", "-l", "1e-3"]
+TINY_EXPORT = [*FINE_TUNED, "--freeze-backbone"]
 TINY = [*TINY_EXPORT, "--no-saved-model"]
 
 
@@ -173,12 +161,17 @@ assert strategy.num_replicas_in_sync == 2 and sizes == [16, 16], sizes
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, timeout=300)
     out = tmp_path / "out"
     result = run_cli(
-        ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "g2", "-g", "2", "-e", "1", *TINY],
+        [
+            *("--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "g2", "-g", "2", "-e", "1"),
+            *(*FINE_TUNED, "--no-saved-model"),
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lineage = json.loads((only_run(out, "g2") / "run.json").read_text())
     assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
+    # The fine-tuned backbone's BatchNorm statistics were re-estimated (on the copy, then copied back).
+    assert lineage["training"]["batchnorm_batches"] > 0 and "BatchNorm statistics re-estimated" in result.stderr
 
 
 def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
@@ -211,10 +204,12 @@ def test_cluster_roles():
 @pytest.mark.slow
 def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
     out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *TINY]
-    result = run_cli([*args, "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"], tmp_path)
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *FINE_TUNED]
+    flags = ["--no-saved-model", "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
+    result = run_cli([*args, *flags], tmp_path)  # the default model: the whole backbone fine-tuned
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "cmp")
+    assert json.loads((run_dir / "run.json").read_text())["training"]["batchnorm_batches"] > 0
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
     assert {"model", "student", "model_dynamic", "student_dynamic"} <= set(variants), variants.keys()
     for name in ("student", "model_dynamic", "student_dynamic"):

@@ -391,6 +391,7 @@ class Datasets:
     counts: dict[str, int]  # examples per split
     class_counts: dict[str, tuple[int, ...]]  # examples per split per class, CLASS_NAMES order
     steps_per_epoch: dict[str, int]  # batches per split, ceil(count / global_batch_size)
+    train_clean: tf.data.Dataset | None = None  # train, shuffled but not augmented (BatchNorm re-estimation)
 
 
 def count_labels(paths: list[str]) -> np.ndarray:
@@ -496,6 +497,9 @@ def build_datasets(
     )
     return Datasets(
         train=train,
+        train_clean=_train_dataset(
+            list(shards["train"]), image_size, global_batch_size, seed, False, shuffle_buffer, steps["train"]
+        ),
         val=_eval_dataset(list(shards["val"]), image_size, global_batch_size, steps["val"]),
         test=_eval_dataset(list(shards["test"]), image_size, global_batch_size, steps["test"]),
         class_weights=class_weights_from_counts(class_counts["train"]),

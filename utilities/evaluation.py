@@ -91,8 +91,13 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     seen = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    predicted = np.bincount(y_pred, minlength=len(class_names))
     return {
         "n": len(y_true),
+        # The most often predicted class and its share of the predictions: near 1, the model answers one
+        # class whatever the image, and accuracy-like numbers (agreement included) say little.
+        "top_class": class_names[int(predicted.argmax())],
+        "top_class_share": float(predicted.max() / len(y_true)),
         "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": _balanced_accuracy(cm),
         "macro_f1": float(f1_score(y_true, y_pred, labels=seen, average="macro", zero_division=0)),
@@ -274,6 +279,28 @@ def _latency_parts(latency: Any) -> tuple[float | None, float | None]:
     return (float(latency), None) if isinstance(latency, int | float) else (None, None)
 
 
+COLLAPSE_SHARE = 0.9  # a variant predicting one class for at least this share of a split is flagged
+
+
+def collapse_warnings(metrics: dict) -> list[str]:
+    """One line per variant and split whose predictions are (nearly) all one class, with its agreement."""
+    lines = []
+    for name, variant in metrics.get("variants", {}).items():
+        for split in ("val", "test"):
+            m = variant.get(split) or {}
+            share = m.get("top_class_share")
+            if share is not None and share >= COLLAPSE_SHARE:
+                agreement = variant.get("agreement")
+                beside = (
+                    "" if agreement is None else f"; its agreement {agreement:.3f} with the float model means as little"
+                )
+                lines.append(
+                    f"{name} predicts {m['top_class']} for {share:.0%} of {split} "
+                    f"(balanced accuracy {m['balanced_accuracy']:.3f}){beside}"
+                )
+    return lines
+
+
 def comparison_rows(metrics: dict) -> list[dict]:
     """One flat row per variant for tables (report and W&B); absent values are None.
 
@@ -336,7 +363,8 @@ _HEADLINE_COLUMNS = (  # (header, row key, format)
 
 def _headline_section(metrics: dict) -> list[str]:
     rows = [[_fmt(row[key], kind) for _, key, kind in _HEADLINE_COLUMNS] for row in comparison_rows(metrics)]
-    return ["## Variants", "", *_md_table([h for h, _, _ in _HEADLINE_COLUMNS], rows), ""]
+    warnings = [f"> **Warning:** {line}." for line in collapse_warnings(metrics)]
+    return ["## Variants", "", *_md_table([h for h, _, _ in _HEADLINE_COLUMNS], rows), "", *warnings, ""]
 
 
 def _split_metrics(variant: dict) -> dict:

@@ -202,6 +202,38 @@ def _all_layers(model: tf_keras.Model) -> Iterator[tf_keras.layers.Layer]:
             yield from _all_layers(layer)
 
 
+def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int = 100) -> int:
+    """Precise BatchNorm: set every trainable BatchNorm's moving mean/variance to the average of its
+    batch statistics over up to `max_batches` training batches (forward passes only, no gradient step).
+
+    Moving averages with momentum 0.99 need hundreds of steps to forget their initial values; after a
+    short fine-tune they lag the weights they normalise, and inference-mode outputs collapse (one class
+    for every image) although training accuracy rose. With momentum 1 − 1/n at the n-th batch the
+    moving statistics become the plain mean over the batches seen. Frozen BatchNorm layers (a frozen
+    backbone) run in inference mode and are left alone. Returns the number of batches used (0: none).
+    Eager, on a model outside any distribution strategy (e.g. a reloaded copy).
+    """
+    layers = [
+        layer
+        for layer in _all_layers(model)
+        if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
+    ]
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for features, *_ in batches.take(max_batches):
+            used += 1
+            for layer in layers:
+                layer.momentum = 1.0 - 1.0 / used  # read at call time in eager mode
+            model(features, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    return used
+
+
 KERAS_FILE = "model.keras"  # the model inside a run's model/ folder
 
 
@@ -243,5 +275,6 @@ __all__ = [
     "float32_policy",
     "fusion_weights",
     "load_model",
+    "recalibrate_batchnorm",
     "save_model",
 ]
