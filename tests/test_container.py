@@ -600,22 +600,8 @@ def test_end_to_end_run_commands_trains_from_the_registry_into_the_bucket(prepar
     (job.secrets / "wandb.txt").write_text(WANDB_KEY + "\n")
     result = job.run(
         *("p-1", bucket, "-", "-", "dataset_v01", "1", "--"),
-        *(
-            "--weights",
-            "none",
-            "--freeze-backbone",
-            "--no-saved-model",
-            "--image-size",
-            "32",
-            "-b",
-            "16",
-            "-e",
-            "1",
-            "-f",
-            "8",
-            "--patience",
-            "0",
-        ),
+        *("--weights", "none", "--freeze-backbone", "--no-saved-model", "--image-size", "32"),
+        *("-b", "16", "-e", "1", "-f", "8", "--patience", "0"),
         *("-n", "e2e", "-x", "--cache-dir", str(job.work / "cache")),
         GIT_LOGIN=GIT_LOGIN,  # a local registry needs none: it is dropped with a warning
         WANDB_MODE="offline",
