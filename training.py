@@ -40,8 +40,8 @@ from utilities.model import (
     compile_model,
     fusion_weights,
     load_model,
-    recalibrate_batchnorm,
     save_model,
+    save_recalibrated,
 )
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,15 @@ def run(config: Config) -> RunResult:
 
         # -------------------------------------------------------------- evaluate and export
         # Every worker saves (saving reads synced variables: collective ops); a non-chief copy is discarded.
-        save_model(model, folder.path("model"))
-        metrics = {"headline": "balanced_accuracy", "variants": {}}
+        # The chief re-estimates a fine-tuned backbone's BatchNorm statistics first (see save_recalibrated):
+        # after a short fine-tune the moving averages lag the weights and inference-mode outputs collapse.
         if cluster.is_chief and config.model.fine_tune:
-            lineage["training"]["batchnorm_batches"] = recalibrate(model, datasets, folder, cluster.num_workers)
+            used = save_recalibrated(model, folder.path("model"), datasets.train_clean or datasets.train)
+            lineage["training"]["batchnorm_batches"] = used
+            log.info("BatchNorm statistics re-estimated on %d training batches (no augmentation)", used)
+        else:
+            save_model(model, folder.path("model"))
+        metrics = {"headline": "balanced_accuracy", "variants": {}}
         if cluster.is_chief:
             # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
             # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
@@ -269,22 +274,6 @@ def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -
         verbose=2,
     )
     return probe.start_epoch or 0
-
-
-def recalibrate(model, datasets, folder: RunFolder, num_workers: int) -> int:
-    """Re-estimate the fine-tuned backbone's BatchNorm statistics on clean training batches (precise BN).
-
-    On the saved float32 copy, outside the strategy (an eager forward pass per batch); the export is
-    rewritten and, with one worker, the statistics are copied back into the trained model, which the
-    evaluation and compression steps use.
-    """
-    copy = load_model(folder.path("model"))
-    used = recalibrate_batchnorm(copy, datasets.train_clean or datasets.train)
-    save_model(copy, folder.path("model"))
-    if num_workers == 1:
-        model.set_weights(copy.get_weights())
-    log.info("BatchNorm statistics re-estimated on %d training batches (no augmentation)", used)
-    return used
 
 
 def read_history(path: Path) -> dict[str, list[float]]:

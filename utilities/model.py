@@ -252,6 +252,22 @@ def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
     return path
 
 
+def save_recalibrated(model: tf_keras.Model, folder: str | Path, batches: Any) -> int:
+    """`save_model`, with the trainable BatchNorm statistics re-estimated first (`recalibrate_batchnorm`).
+
+    The re-estimation runs eagerly on a reloaded float32 copy, outside any distribution strategy; the
+    export is rewritten from it and its statistics are copied back into `model` (which may live in a
+    strategy), so the model evaluated next and the file exported agree. Returns the batches used.
+    """
+    save_model(model, folder)
+    copy = load_model(folder)
+    used = recalibrate_batchnorm(copy, batches)
+    if used:
+        save_model(copy, folder)
+        model.set_weights(copy.get_weights())
+    return used
+
+
 def load_model(path: str | Path) -> tf_keras.Model:
     """Reload a saved model: a .keras file, a folder holding one, or a SavedModel folder."""
     path = Path(path)
@@ -277,4 +293,5 @@ __all__ = [
     "load_model",
     "recalibrate_batchnorm",
     "save_model",
+    "save_recalibrated",
 ]

@@ -55,7 +55,7 @@ from utilities.model import (
     float32_config,
     float32_policy,
     load_model,
-    save_model,
+    save_recalibrated,
 )
 from utilities.schema import METADATA_SIZE, NUM_CLASSES
 
@@ -265,8 +265,10 @@ class PruningStep(CompressionStep):
         with ctx.strategy.scope(), float32_policy():
             stripped = tfmot.sparsity.keras.strip_pruning(self.model)
         path = ctx.folder.path("pruned")
-        save_model(stripped, path)
+        # BatchNorm trained along (a fine-tuned backbone): its statistics re-estimated before evaluation.
+        batchnorm_batches = save_recalibrated(stripped, path, _clean_train(ctx.datasets))
         result = variant_eval.evaluate_keras(stripped, ctx.datasets, path, ctx.reference)
+        result["batchnorm_batches"] = batchnorm_batches
         result["sparsity"] = measure_sparsity(stripped, self.pruned_layers)
         result["sparsity_overall"] = overall_sparsity(stripped, self.pruned_layers)
         _add_size_ratio(result, ctx.reference)
@@ -277,6 +279,11 @@ class PruningStep(CompressionStep):
             result["val"]["balanced_accuracy"],
         )
         return {"pruned": result}
+
+
+def _clean_train(datasets) -> Any:
+    """Training batches without augmentation when the datasets have them (BatchNorm re-estimation)."""
+    return getattr(datasets, "train_clean", None) or datasets.train
 
 
 def pruning_schedule(target_sparsity: float, total_steps: int):
@@ -816,8 +823,9 @@ class DistillationStep(CompressionStep):
 
     def finalize(self, ctx: Context) -> dict[str, dict[str, Any]]:
         path = ctx.folder.path("student")
-        save_model(self.student, path)
+        batchnorm_batches = save_recalibrated(self.student, path, _clean_train(ctx.datasets))
         result = variant_eval.evaluate_keras(self.student, ctx.datasets, path, ctx.reference)
+        result["batchnorm_batches"] = batchnorm_batches
         result["teacher"] = ctx.config.compression.teacher or "model"
         result["training"] = self.summary
         _add_size_ratio(result, ctx.reference)
