@@ -201,7 +201,7 @@ def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
     out = tmp_path / "out"
     args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *FINE_TUNED]
     flags = ["--no-saved-model", "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
-    result = run_cli([*args, *flags], tmp_path)  # the default model: the whole backbone fine-tuned
+    result = run_cli([*args, *flags], tmp_path, timeout=900)  # the default model: the whole backbone fine-tuned
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "cmp")
     # The fine-tuned backbone's BatchNorm statistics were re-estimated (on a copy, then copied back).

@@ -208,10 +208,10 @@ def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int 
 
     Moving averages with momentum 0.99 need hundreds of steps to forget their initial values; after a
     short fine-tune they lag the weights they normalise, and inference-mode outputs collapse (one class
-    for every image) although training accuracy rose. With momentum 1 − 1/n at the n-th batch the
-    moving statistics become the plain mean over the batches seen. Frozen BatchNorm layers (a frozen
-    backbone) run in inference mode and are left alone. Returns the number of batches used (0: none).
-    Eager, on a model outside any distribution strategy (e.g. a reloaded copy).
+    for every image) although training accuracy rose. Here each compiled forward pass runs with
+    momentum 0 (the moving statistics become that batch's), and their mean over the batches is kept.
+    Frozen BatchNorm layers (a frozen backbone) run in inference mode and are left alone. Returns the
+    number of batches used (0: nothing to do). Call on a model outside any distribution strategy.
     """
     layers = [
         layer
@@ -221,16 +221,25 @@ def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int 
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
+    sums = [[tf.zeros_like(layer.moving_mean), tf.zeros_like(layer.moving_variance)] for layer in layers]
     used = 0
     try:
+        for layer in layers:
+            layer.momentum = 0.0  # read when the forward pass is traced
+        forward = tf.function(lambda features: model(features, training=True), reduce_retracing=True)
         for features, *_ in batches.take(max_batches):
+            forward(features)
             used += 1
-            for layer in layers:
-                layer.momentum = 1.0 - 1.0 / used  # read at call time in eager mode
-            model(features, training=True)
+            for total, layer in zip(sums, layers, strict=True):
+                total[0] += layer.moving_mean
+                total[1] += layer.moving_variance
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+    if used:
+        for (mean, variance), layer in zip(sums, layers, strict=True):
+            layer.moving_mean.assign(mean / used)
+            layer.moving_variance.assign(variance / used)
     return used
 
 
