@@ -250,13 +250,15 @@ def plot_training_curves(history: dict[str, list[float]], path: str | os.PathLik
     if not panels:
         axes[0].text(0.5, 0.5, "no training history", ha="center", va="center")
         axes[0].set_axis_off()
+    epochs = max((len(values) for values in history.values()), default=1)
     for ax, (title, key) in zip(axes, panels.items(), strict=False):
+        ax.set_xlim(0.5, epochs + 0.5)  # whole epochs, also for a one-epoch run
         for label, name in (("train", key), ("val", f"val_{key}")):
             values = [math.nan if v is None else float(v) for v in history.get(name, [])]
             if values:
                 ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
         ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -459,6 +461,12 @@ def write_report(run_dir: Path, metrics: dict, lineage: dict, history: dict[str,
         lines.append(f"![confusion matrix]({CONFUSION_MATRIX_PNG})")
     plot_training_curves(history, run_dir / TRAINING_CURVES_PNG)
     lines += [f"![training curves]({TRAINING_CURVES_PNG})", ""]
+    if (lineage.get("training") or {}).get("batchnorm_batches"):
+        lines += [
+            "The curves' validation values were measured during training, before the fine-tuned backbone's "
+            "BatchNorm statistics were re-estimated; the tables above evaluate the exported model.",
+            "",
+        ]
     path = run_dir / REPORT_MD
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
