@@ -18,15 +18,16 @@ when written as JSON); dict keys are strings (int keys hash predictably: a craft
 every insert collide). Size caps bound what survives the walk, so unpickling afterwards costs at
 most a few tens of MB and well under a second:
 
-- MAX_BYTES (4 MiB) on the file. The manifest prepare writes for the whole of ISIC 2019 (25,331
-  images in 51 shards, every image id listed) is ~0.5 MB; 4 MiB leaves 8× room and bounds the text
-  a manifest can hold.
-- MAX_ITEMS (100,000) values and MAX_DEPTH (5) nesting. ISIC 2019's manifest holds ~25,800 values
-  nested 3 deep. 100,000 values of the costliest kind (empty dicts, ~100 bytes each once built)
-  stay near 10 MB.
+- MAX_BYTES (4 MiB) on the file, checked before reading it (`read_file`). The manifest prepare
+  writes for the whole of ISIC 2019 (25,331 images in 52 shards, every image id listed) is 0.39 MB;
+  4 MiB leaves 10× room.
+- MAX_ITEMS (100,000) values and MAX_DEPTH (5) nesting. ISIC 2019's manifest holds 25,672 values
+  (51,235 opcodes) nested 3 deep. 100,000 values of the costliest kind (empty dicts) take ~11 MB;
+  the walk of the 300,000 opcodes allowed takes ~0.2-0.4 s on one busy core.
 - MAX_STRING (4,096) characters per string (PATH_MAX; a gs:// URI is at most ~1,300) and
-  MAX_TEXT (4 Mi) characters of all strings, a string referenced twice counted twice: a string
-  shared by memo cannot multiply into gigabytes of run.json or W&B config.
+  MAX_TEXT (4 Mi) characters of all strings, a string referenced twice counted twice (ISIC 2019:
+  0.31 Mi): a string shared by memo cannot multiply into gigabytes of run.json or W&B config.
+  The costliest text allowed (4 Mi characters stored 4 bytes each) peaks at ~16 MB.
 
 Then every key is checked against its exact shape (`_check_*` below). Keys this reader does not
 know are accepted only when they hold a string, number, boolean or None, so a newer writer can add a
