@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from tools.demo_data import (
 )
 from utilities.schema import CLASS_NAMES
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _rows(folder: Path, name: str) -> list[dict[str, str]]:
     with (folder / name).open(newline="") as fh:
@@ -44,6 +49,18 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path: Path
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert (a / GROUND_TRUTH_CSV).read_bytes() != (c / GROUND_TRUTH_CSV).read_bytes()
+
+
+def test_two_processes_write_identical_bytes(tmp_path: Path) -> None:
+    """Nothing depends on the interpreter's hash seed (set or dict-of-set order, object ids)."""
+    folders = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        argv = ["-m", "tools.demo_data", "--out", str(out), "--images", "120", "--seed", "3", "--size", "24"]
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=True, capture_output=True)
+        folders.append({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert len(folders[0]) == 122 and folders[0] == folders[1]
 
 
 def test_layout_columns_and_images(demo_dir: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +21,8 @@ from tools.demo_data import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV
 from tools.prepare import MANIFEST_NAME, PrepareError, prepare
 from utilities.data import file_sha256, load_manifest, verify_shard
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _csv(folder: Path, name: str) -> list[dict[str, str]]:
@@ -98,6 +103,32 @@ def test_same_seed_same_shards_other_seed_other_split(demo_dir: Path, prepared: 
     assert sorted(again["sha256"].values()) == sorted(prepared.manifest["sha256"].values())
     other = prepare(demo_dir, tmp_path / "other", image_size=32, shard_size=40, seed=1)
     assert other["images"]["test"] != prepared.manifest["images"]["test"]
+
+
+def _prepare_in_subprocess(demo_dir: Path, out: Path, hash_seed: str) -> dict[str, bytes]:
+    """Run `python -m tools.prepare` in a fresh interpreter; return every file it wrote, by relative path."""
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    argv = ["--input", str(demo_dir), "--out", str(out), "--image-size", "16", "--shard-size", "50", "--seed", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.prepare", *argv], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_two_processes_write_identical_bytes(demo_dir: Path, tmp_path: Path) -> None:
+    """Same input and seed, two interpreters (other hash seeds): the same shard bytes and manifest."""
+    out = tmp_path / "data"  # the same --out both times: the URIs in the manifest are the same too
+    first = _prepare_in_subprocess(demo_dir, out, hash_seed="1")
+    second = _prepare_in_subprocess(demo_dir, out, hash_seed="2")
+    assert first.keys() == second.keys() and len(first) > 4
+    differ = [name for name in first if name != MANIFEST_NAME and first[name] != second[name]]
+    assert differ == [], f"{len(differ)} of {len(first) - 1} shards differ, e.g. {differ[:2]}"
+    manifests = [pickle.loads(files[MANIFEST_NAME]) for files in (first, second)]
+    assert manifests[0]["sha256"] == manifests[1]["sha256"]
+    # Byte-identical apart from `created` (an ISO time of fixed length, so it can be swapped in place).
+    created = [m["created"].encode() for m in manifests]
+    assert first[MANIFEST_NAME].replace(created[0], created[1]) == second[MANIFEST_NAME]
 
 
 def test_limit_takes_whole_lesions_and_keeps_every_class(demo_dir: Path, tmp_path: Path) -> None:

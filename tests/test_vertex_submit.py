@@ -92,6 +92,13 @@ def test_single_machine_cpu_job_on_standard_vms():
         (["--bucket", "gs://b/models"], "is not a bucket name"),
         (["--dvc-tag=-x"], "is not a tag"),
         (["--dvc-repo", "https://user:SECRETTOKEN123@host/r.git"], "must not embed credentials"),
+        (["--dvc-repo", "https://SECRETTOKEN123@host/org/r.git"], "must not embed credentials"),
+        (
+            ["--dvc-repo", "https://x-access-token:SECRETTOKEN123@host/org/r.git"],
+            "pass its name with --git-login-secret",
+        ),
+        (["--dvc-repo", "ssh://git:SECRETTOKEN123@host/org/r.git"], "must not embed credentials"),
+        (["--dvc-repo", "https://SECRETTOKEN123@[::1/r.git"], "--dvc-repo is not a valid URL"),
         (["--dvc-repo", ""], "--dvc-repo (or $DVC_REPO) is required"),
         (["--accelerator-count", "-1"], "--accelerator-count must be >= 0"),
         (["--accelerator-type", "nvidia t4"], "is not like NVIDIA_TESLA_T4"),
@@ -110,6 +117,14 @@ def test_bad_arguments_exit_2_with_one_error_line(capsys, args, message):
     assert last.startswith("python -m tools.vertex_submit: error: ") and message in last
     assert "SECRETTOKEN123" not in err
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "repo", ["https://host/org/r.git", "ssh://git@host/org/r.git", "git@host:org/r.git", "/srv/registry"]
+)
+def test_repo_urls_without_credentials_are_kept(repo):
+    (pool,) = spec(dvc_repo=repo)["worker_pool_specs"]
+    assert pool["container_spec"]["env"][0] == {"name": "DVC_REPO", "value": repo}
 
 
 def test_missing_required_flag_exits_2(capsys):

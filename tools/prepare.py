@@ -45,6 +45,7 @@ from utilities import storage
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
 
 MANIFEST_NAME = "versioned_paths.pickle"
+MANIFEST_PROTOCOL = 4  # fixed, not the interpreter default; readable by Python 3.4 and later
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # no separators: an id can never escape the folder
 _MIN_GROUPS = len(SPLITS)  # a class needs one lesion per split
@@ -303,7 +304,9 @@ def example_bytes(pixels: bytes, record: Record) -> bytes:
         "metadata": tf.train.Feature(int64_list=tf.train.Int64List(value=record.metadata)),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=one_hot(record.label))),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # `feature` is a protobuf map: without deterministic=True its wire order follows a per-process
+    # hash seed, so two runs wrote the same records as different bytes (new sha256, new DVC object).
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def write_shards(
@@ -372,6 +375,15 @@ def build_manifest(
     }
 
 
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The pickle written as `versioned_paths.pickle`: the same manifest always gives the same bytes.
+
+    Protocol fixed at 4 (not the interpreter's default, which changes between Pythons); the dicts are
+    built in a fixed order (SPLITS, CLASS_NAMES, shard order), and pickle keeps insertion order.
+    """
+    return pickle.dumps(manifest, protocol=MANIFEST_PROTOCOL)
+
+
 def _check_only_shards(folder: Path) -> None:
     strays = [p.name for p in folder.iterdir() if not (p.is_file() and p.suffix == ".tfrecords")]
     if strays:
@@ -388,14 +400,14 @@ def _publish_local(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
         if (out / split).exists():
             os.replace(out / split, staging / f"old-{split}")  # deleted with the staging area
         os.replace(staging / split, out / split)
-    storage.write_bytes(str(out / MANIFEST_NAME), pickle.dumps(manifest, protocol=4))
+    storage.write_bytes(str(out / MANIFEST_NAME), manifest_bytes(manifest))
 
 
 def _publish_gcs(shards: dict[str, list[Path]], out_uri: str, manifest: dict[str, Any]) -> None:
     for split, paths in shards.items():
         for path in paths:
             storage.upload_file(path, _final_uri(out_uri, split, path))  # verified upload
-    storage.write_bytes(storage.join(out_uri, MANIFEST_NAME), pickle.dumps(manifest, protocol=4))
+    storage.write_bytes(storage.join(out_uri, MANIFEST_NAME), manifest_bytes(manifest))
 
 
 def _check_arguments(

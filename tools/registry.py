@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from utilities.manifest import Manifest, ManifestError, summary_lines
+from utilities.manifest import Manifest, ManifestError, read_file, summary_lines
 from utilities.manifest import parse as parse_manifest
 
 TRACKED_DIR = "Versioning"
@@ -57,13 +57,11 @@ class RegistryError(RuntimeError):
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The manifest at `path`, unpickled safely and checked (see utilities.manifest)."""
     try:
-        data = Path(path).read_bytes()
+        return parse_manifest(read_file(path), str(path))  # read_file refuses an oversized file unread
     except FileNotFoundError as exc:
         raise RegistryError(f"manifest {path} does not exist") from exc
     except OSError as exc:
         raise RegistryError(f"cannot read manifest {path}: {exc}") from exc
-    try:
-        return parse_manifest(data, str(path))
     except ManifestError as exc:
         raise RegistryError(str(exc)) from exc
 

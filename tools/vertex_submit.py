@@ -67,6 +67,25 @@ def secret_version(project: str, secret: str) -> str:
     return f"projects/{project}/secrets/{secret}/versions/latest"
 
 
+def _check_repo_url(url: str) -> None:
+    """The spec is readable by anyone who can list jobs: no `user:token@` and no `token@` in the repo URL.
+
+    Over HTTPS any userinfo is a credential (a bare token is the username part); only `ssh://git@host`
+    (a user name, the key stays on the machine) may name a user. The message never repeats the URL.
+    """
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        raise SpecError("--dvc-repo is not a valid URL") from None
+    ssh_user_only = parts.scheme in ("ssh", "git+ssh") and password is None
+    _check(
+        (user is None and password is None) or ssh_user_only,
+        "--dvc-repo must not embed credentials (user:token@ or token@); store them in Secret Manager "
+        "and pass its name with --git-login-secret",
+    )
+
+
 def build_job_spec(
     *,
     project: str,
@@ -96,8 +115,7 @@ def build_job_spec(
         f"--dvc-tag {dvc_tag!r} is not a tag",
     )
     _check(bool(dvc_repo), "--dvc-repo (or $DVC_REPO) is required: the data registry's git URL")
-    # The spec is readable by anyone who can list jobs: no user:token@host in it.
-    _check(urlsplit(dvc_repo).password is None, "--dvc-repo must not embed credentials; use --git-login-secret")
+    _check_repo_url(dvc_repo)
     _check(bool(_MACHINE.match(machine_type)), f"--machine-type {machine_type!r} is not a machine type")
     _check(accelerator_count >= 0, "--accelerator-count must be >= 0")
     _check(replica_count >= 1, "--replica-count must be at least 1")

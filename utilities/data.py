@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,7 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
                 fetched, cached = fetched + downloaded, cached + (not downloaded)
             else:
                 path = _fetch_local(uri, expected, split)
+            _check_framing(path)  # before any TFRecordDataset reads it (count_labels, the pipeline)
             local[split].append(str(path))
     if fetched or cached:
         log.info("remote shards: %d downloaded, %d found in the cache %s", fetched, cached, cache)
@@ -165,21 +167,53 @@ def _check_record(data: bytes, path: str | Path, index: int) -> None:
     if len(features["image"].bytes_list.value) != 1:
         raise DataError(f"{where}: feature image must hold exactly one bytes value")
     for key, size in (("metadata", METADATA_SIZE), ("label", NUM_CLASSES)):
-        if len(features[key].int64_list.value) != size:
-            raise DataError(f"{where}: feature {key} must hold {size} int64 values")
+        values = features[key].int64_list.value
+        if len(values) != size or not set(values) <= {0, 1}:
+            raise DataError(f"{where}: feature {key} must hold {size} int64 values, each 0 or 1")
+    if sum(features["label"].int64_list.value) != 1:
+        raise DataError(f"{where}: feature label is not one-hot")
+
+
+_HEADER = 12  # a TFRecord: uint64 length, uint32 masked crc32c of it, data, uint32 masked crc32c of the data
+
+
+def _check_framing(path: str | Path) -> int:
+    """Walk the record headers; return the count. TensorFlow trusts a length whose CRC matches: a
+    crafted header announcing 2^40 bytes kills the process (SIGSEGV) instead of raising."""
+    import google_crc32c  # a dependency of google-cloud-storage
+
+    size = Path(path).stat().st_size
+    offset = index = 0
+    with open(path, "rb") as fh:
+        while offset < size:
+            header = fh.read(_HEADER)
+            length = int.from_bytes(header[:8], "little")
+            crc = google_crc32c.value(header[:8])
+            masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+            where = f"shard {path} is corrupt or truncated at record {index}"
+            if len(header) < _HEADER or int.from_bytes(header[8:], "little") != masked:
+                raise DataError(f"{where}: its header at byte {offset} is cut or fails its CRC")
+            if offset + _HEADER + length + 4 > size:
+                raise DataError(f"{where}: its header announces {length:,} bytes, the file has {size - offset:,} left")
+            offset += _HEADER + length + 4
+            fh.seek(offset)
+            index += 1
+    return index
 
 
 def verify_shard(path: str | Path) -> int:
     """Read every record (length and data CRCs, Example structure); return the count. Bad → DataError naming the record."""
     if not Path(path).is_file():
         raise DataError(f"shard {path} does not exist")
+    _check_framing(path)
     count = 0
     try:
         for record in tf.data.TFRecordDataset(str(path)):
             _check_record(record.numpy(), path, count)
             count += 1
     except tf.errors.OpError as err:  # DataLossError: truncated file or CRC mismatch
-        raise DataError(f"shard {path} is corrupt or truncated at record {count}: {one_line(err.message)}") from None
+        message = one_line(re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*", "", err.message, flags=re.S))
+        raise DataError(f"shard {path} is corrupt or truncated at record {count}: {message}") from None
     return count
 
 
