@@ -74,10 +74,10 @@ if [ -z "${NUM_GPU:-}" ]; then
 fi
 export DVC_TAG NUM_GPU
 
-target=cpu
+accelerator=cpu
 tag=$image
 if [ $gpu = 1 ]; then
-    target=gpu
+    accelerator=gpu
     tag=$image-gpu
 fi
 
@@ -94,7 +94,7 @@ if [ $build = 1 ]; then
     # run.json records the code's commit; the image has no .git to ask.
     commit=$(git -C "$here" rev-parse HEAD 2>/dev/null || true)
     if "$docker" buildx version >/dev/null 2>&1; then buildkit=1; else buildkit=0; fi
-    DOCKER_BUILDKIT=$buildkit "$docker" build --target "$target" -t "$tag" \
+    DOCKER_BUILDKIT=$buildkit "$docker" build -t "$tag" --build-arg "ACCELERATOR=$accelerator" \
         ${app_uid:+--build-arg "$app_uid"} \
         ${commit:+--build-arg "GIT_COMMIT=$commit"} \
         ${PIP_INDEX_URL:+--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL"} \

@@ -519,7 +519,8 @@ def test_docker_shell_passes_secrets_by_name_only(fake_docker):
         PIP_INDEX_URL="https://idx.test/simple",
     )
     assert result.returncode == 0, result.stderr
-    assert build[:5] == ["build", "--target", "cpu", "-t", "dermaid-training"] and build[-1].endswith("/repo")
+    assert build[:5] == ["build", "-t", "dermaid-training", "--build-arg", "ACCELERATOR=cpu"]
+    assert build[-1].endswith("/repo")
     assert build[build.index("PIP_INDEX_URL=https://idx.test/simple") - 1] == "--build-arg"
     # A build argument is stored in the image history: an index URL with credentials is refused.
     refused, calls = fake_docker(gpu=False, PIP_INDEX_URL="https://user:pw@idx/simple")
@@ -535,9 +536,9 @@ def test_docker_shell_passes_secrets_by_name_only(fake_docker):
 
 def test_docker_shell_uses_gpus_only_when_nvidia_smi_works(fake_docker):
     _, (build, run) = fake_docker(gpu=True)
-    assert build[2] == "gpu" and run[run.index("--gpus") + 1] == "all" and "dermaid-training-gpu" in run
+    assert "ACCELERATOR=gpu" in build and run[run.index("--gpus") + 1] == "all" and "dermaid-training-gpu" in run
     _, (build, run) = fake_docker("--cpu", gpu=True)
-    assert build[2] == "cpu" and "--gpus" not in run
+    assert "ACCELERATOR=cpu" in build and "--gpus" not in run
     _, calls = fake_docker("--no-build", "--gpu", gpu=None)
     (run,) = calls
     assert "--gpus" in run and run[-2:] == ["dermaid-training-gpu", "--shell"]
