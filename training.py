@@ -412,7 +412,7 @@ def build_lineage(config: Config, manifest, strategy, started: str) -> dict[str,
         "data": {
             "tag": config.data.data_tag,
             "manifest": config.data.manifest,
-            "manifest_sha256": data.file_sha256(config.data.manifest),
+            "manifest_sha256": manifest.digest,  # of the bytes parsed: a gs:// manifest is read once
             "shard_sha256": dict(manifest.sha256 or {}),
             "counts": manifest.counts,
         },

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import tensorflow as tf
 
 from tools.demo_data import GROUND_TRUTH_CSV, METADATA_COLUMNS, METADATA_CSV
@@ -141,3 +142,24 @@ def test_an_original_pickle_of_gs_shards_is_downloaded_once(gcs_emulator, prepar
     third, log = fetch()
     assert f"remote shards: 2 downloaded, {shards - 2} found in the cache" in log
     assert Path(third["test"][0]).read_bytes() == storage.read_bytes(pickled["test"][0])
+
+
+@pytest.mark.slow
+def test_a_gs_manifest_trains_and_its_lineage_hashes_the_bytes_read(gcs_emulator, prepared, tmp_path):
+    """`--manifest gs://…` (the original uploaded its pickle to the bucket root): read once, hashed as read."""
+    import hashlib
+    import json
+
+    from tests.test_training import TINY, only_run, run_cli
+    from utilities import storage
+
+    bucket = gcs_emulator.make_bucket("manifest-bucket")
+    pickled = prepared.manifest_path.read_bytes()
+    storage.write_bytes(f"gs://{bucket}/versioned_paths.pickle", pickled)
+    out = tmp_path / "out"
+    args = ["--manifest", f"gs://{bucket}/versioned_paths.pickle", "--output", str(out), "-n", "gs", "-e", "1"]
+    result = run_cli([*args, *TINY], tmp_path, {"STORAGE_EMULATOR_HOST": gcs_emulator.host})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lineage = json.loads((only_run(out, "gs") / "run.json").read_text())
+    assert lineage["data"]["manifest_sha256"] == hashlib.sha256(pickled).hexdigest()
+    assert lineage["data"]["manifest"] == f"gs://{bucket}/versioned_paths.pickle"

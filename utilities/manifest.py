@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import hashlib
 import io
 import math
 import pickle
@@ -81,6 +82,7 @@ class Manifest:
     counts: dict[str, Any] | None  # per split per class, and skipped_unk (new manifests only)
     sha256: dict[str, str]  # shard URI → hex digest; empty for the original three-key form
     raw: dict[str, Any]  # everything that was in the pickle
+    digest: str = ""  # hex sha256 of the bytes that were parsed (lineage: never re-read from `path`)
 
 
 def read_file(path: str | Path) -> bytes:
@@ -106,7 +108,7 @@ def parse(data: bytes, name: str) -> Manifest:
     _check_created(raw.get("created"), name)
     _check_images(raw.get("images"), name)
     _check_source(raw.get("source"), name)
-    return Manifest(name, splits, schema, counts, sha, raw)
+    return Manifest(name, splits, schema, counts, sha, raw, hashlib.sha256(data).hexdigest())
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
