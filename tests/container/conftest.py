@@ -48,19 +48,33 @@ TINY = ["--weights", "none", "--image-size", "32", "-b", "16", "-f", "16", "-e",
 BUILD_TIMEOUT_S = 3600
 
 _numbers: dict[str, object] = {}
+_skipped: list[str] = []  # one line, when the container tests cannot run here
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.container)
-            # Whichever test comes first sets up the engine and builds the image: cold, that is
-            # ~3 min of debootstrap plus ~10 min of build (the locked environment, TF wheels included).
-            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
+    ours = [item for item in items if here in Path(item.fspath).parents]
+    for item in ours:
+        item.add_marker(pytest.mark.container)
+        # Whichever test comes first sets up the engine and builds the image: cold, that is
+        # ~3 min of debootstrap plus ~6 min of build (the locked environment, TF wheels included).
+        item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
+    # Not root and no engine running: leave them out with one line (the session's summary) rather
+    # than one skip per test. In CI they stay, and the engine fixture fails them.
+    reason = Engine.unavailable_reason(ROOT) if ours and not _in_ci() else None
+    if reason:
+        items[:] = [item for item in items if item not in ours]
+        config.hook.pytest_deselected(items=ours)
+        _skipped.append(f"container tests: {len(ours)} not run: {reason}")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
 
 
 def pytest_terminal_summary(terminalreporter):
+    for line in _skipped:
+        terminalreporter.write_line(line, yellow=True)
     if _numbers:
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / "numbers.json").write_text(json.dumps(_numbers, indent=2) + "\n")
@@ -85,14 +99,15 @@ def engine() -> Iterator[Engine]:
         started = time.monotonic()
         engine = Engine.start(ROOT)
     except EngineUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
+        if _in_ci():
             pytest.fail(f"container tests: no Docker engine in CI: {exc}", pytrace=False)
         pytest.skip(f"container tests: no Docker engine: {exc}")
     _numbers["engine_start_s"] = round(time.monotonic() - started, 1)
     try:
         yield engine
     finally:
-        engine.docker("container", "prune", "-f", check=False)
+        if engine.pid is not None:  # our own engine: drop the layers no tag uses any more (older builds)
+            engine.docker("image", "prune", "-f", check=False)
         engine.stop()
 
 

@@ -3,9 +3,10 @@
     .venv/bin/python -m pytest tests/container -q        # uses this through tests/container/conftest.py
     .venv/bin/python -m bench.container                    # the image's numbers
 
-`Engine.start(repo)`: installs docker.io when `dockerd` is missing and we are root, starts
+`Engine.start(repo)`: as root, installs docker.io when `dockerd` is missing, starts
 `dockerd --data-root REPO/.cache/docker/data` with its own socket and pidfile under `.cache/docker`
-(DOCKER_HOST=unix://…), and `stop()` ends it by its pid. `ensure_base(...)` makes the image the
+(DOCKER_HOST=unix://…), and `stop()` ends it by its pid. Not root: the user's running engine
+($DOCKER_HOST or /var/run/docker.sock) if there is one, left running. `ensure_base(...)` makes the image the
 Dockerfile's `FROM` names when it cannot be pulled (no registry reachable): a Debian bookworm
 rootfs from debootstrap (python3, pip, venv, CA certificates), given this host's extra CA
 certificates, imported under exactly that name. The rootfs tarball is cached under
@@ -103,6 +104,11 @@ class Engine:
 
     @classmethod
     def start(cls, repo: Path) -> Engine:
+        if os.geteuid() != 0:  # dockerd needs root: use the user's running engine, if any (never stopped)
+            reason = cls.unavailable_reason(repo)
+            if reason:
+                raise EngineUnavailable(reason)
+            return cls._users(repo)
         if not shutil.which("dockerd"):
             install_engine()
         cache = repo / ".cache" / "docker"
@@ -137,6 +143,24 @@ class Engine:
                 raise EngineUnavailable(f"dockerd did not start: {one_line(log.read_text(errors='replace'))}")
             time.sleep(0.2)
         return engine
+
+    @classmethod
+    def _users(cls, repo: Path) -> Engine:
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return cls(cache=repo / ".cache" / "docker", host=host)
+
+    @classmethod
+    def unavailable_reason(cls, repo: Path) -> str | None:
+        """Why no engine can be had here, or None. Root can always try (install, start dockerd)."""
+        if os.geteuid() == 0:
+            return None
+        if not shutil.which("docker"):
+            return "not root (to install and start dockerd) and no docker client"
+        engine = cls._users(repo)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if engine.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=20).returncode == 0:
+                return None
+        return f"not root (to start dockerd) and no running Docker engine at {engine.host}"
 
     def stop(self) -> None:
         """Stop our dockerd (SIGTERM, it stops its containers) and wait for it, by pid."""
