@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 
-from tests.container.conftest import copy_checkout, secrets_folder
+import pytest
+
+from tests.container.conftest import ROOT, copy_checkout, secrets_folder
 from tests.container.engine import build, layers
 
 
@@ -80,3 +82,9 @@ def test_dockerignore_keeps_local_state_out_of_the_context(engine, image):
     for unwanted in ("./secrets", "./.venv", "./.tools", "./.cache", "./.git", "./demo", "./tests", "./outputs"):
         assert unwanted not in listed, listed
     assert {"./cli.py", "./training.py", "./run-commands.sh", "./dvc_pull.sh", "./utilities"} <= set(listed)
+
+
+def test_an_unknown_accelerator_stops_the_build_with_one_line(engine, image, tmp_path):
+    # ACCELERATOR=gpu adds the CUDA wheels (not built here: ~3 GB); anything but cpu/gpu is refused.
+    with pytest.raises(RuntimeError, match="ACCELERATOR must be cpu or gpu, not 'tpu'"):
+        build(engine, ROOT, "dermaid-training:tpu", "--build-arg", "ACCELERATOR=tpu", log_path=tmp_path / "build.log")
