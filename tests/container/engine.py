@@ -88,6 +88,7 @@ class Engine:
     host: str  # DOCKER_HOST value
     pid: int | None = None
     log: Path | None = None
+    exec_root: Path | None = None  # ours: sockets, network namespaces
     client: str = field(default_factory=docker_client)
 
     @property
@@ -135,7 +136,7 @@ class Engine:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not killed by a Ctrl-C meant for pytest before we stop it
             )
-        engine = cls(cache=cache, host=f"unix://{socket}", pid=process.pid, log=log)
+        engine = cls(cache=cache, host=f"unix://{socket}", pid=process.pid, log=log, exec_root=exec_root)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while engine.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -163,10 +164,24 @@ class Engine:
         return f"not root (to start dockerd) and no running Docker engine at {engine.host}"
 
     def stop(self) -> None:
-        """Stop our dockerd (SIGTERM, it stops its containers) and wait for it, by pid."""
+        """Stop our dockerd (SIGTERM, it stops its containers) and wait for it, by pid.
+
+        dockerd 20.10 leaves its network namespace mounted under the exec-root when it exits; that
+        mount would keep `rm -rf .cache` (or `git clean`) from removing the folder, so it goes too.
+        """
         if self.pid is not None:
             _terminate(self.pid)
             self.pid = None
+            for mount in reversed(_mounts_under(self.exec_root, self.cache)):
+                run(["umount", "-l", mount])
+
+
+def _mounts_under(*folders: Path | None) -> list[str]:
+    """Mount points (in /proc/self/mounts order) inside any of `folders`."""
+    roots = [str(folder) + "/" for folder in folders if folder is not None]
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+    return [p for p in points if any((p + "/").startswith(root) for root in roots)]
 
 
 def _read_pid(path: Path) -> int | None:
