@@ -278,6 +278,9 @@ def test_two_worker_containers_train_one_epoch_and_only_the_chief_publishes(engi
         assert worker_proxy.methods and not writes, f"the worker wrote to GCS: {writes}"
         for log in logs:
             assert not any(secret in log.stdout + log.stderr for secret in SECRETS)
+        # Secrets came from the mounted files: none in the containers' metadata (Env, Args, Cmd, ...).
+        metadata = engine.docker("inspect", *names).stdout
+        assert not any(secret in metadata for secret in SECRETS)
     finally:
         worker_proxy.stop()
         for name in names:
