@@ -25,6 +25,8 @@ from typing import ClassVar
 
 import pytest
 
+from tests.fixtures.git_http import GitOverHttp
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKEN = "SECRETTOKEN123"
@@ -201,13 +203,20 @@ def test_shell_scripts_pass_shellcheck(script):
 def test_dockerfile_contract():
     text = (ROOT / "Dockerfile").read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert "://" not in text, "no index or registry address may be committed"
+    addresses = re.findall(r"\S+://\S+", code)
+    assert addresses == ["DVC_REPO=https://github.com/csci-e-115/dermaid-versioning.git"], (
+        "no index, mirror or registry address may be committed; the original's data registry is the one default"
+    )
     assert re.search(r"^ARG PIP_INDEX_URL$", code, re.M), "the index ARG must have no default"
     assert "pipenv==${PIPENV_VERSION}" in code and "ARG PIPENV_VERSION=2026.10.3" in code
     assert "pipenv install --deploy --system" in code
-    stages = re.findall(r"^FROM \S+ AS (\w+)$", code, re.M)
-    assert stages[-1] == "cpu" and "gpu" in stages, "CPU must be the default (last) target"
-    assert code.count('ENTRYPOINT ["/bin/bash", "run-commands.sh"]') == 2
+    # One stage: the legacy builder builds every stage up to the target, so a GPU stage before the
+    # default CPU one would be built (CUDA wheels and all) for every CPU image.
+    assert len(re.findall(r"^FROM ", code, re.M)) == 1 and "ARG ACCELERATOR=cpu" in code
+    assert "--mount=" not in code, "RUN --mount needs BuildKit; the image must build without it"
+    assert code.index("pipenv install") < code.index("COPY . .") < code.index("ARG GIT_COMMIT")
+    assert code.index("pipenv install") < code.index("ARG ACCELERATOR"), "CPU and GPU share the locked layer"
+    assert code.count('ENTRYPOINT ["/bin/bash", "run-commands.sh"]') == 1
     assert all(user != "root" and user != "0" for user in re.findall(r"^USER (\S+)", code, re.M))
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in ("secrets/", ".venv/", ".tools/", "demo/", "outputs/", "wandb/", ".git/", ".cache/"):
@@ -632,57 +641,6 @@ def test_end_to_end_run_commands_trains_from_the_registry_into_the_bucket(prepar
 # ---- the registry over authenticated https: the real dvc_pull.sh and `dvc get` --------------------------
 
 
-class _GitOverHttp(http.server.BaseHTTPRequestHandler):
-    """Smart-HTTP git server (`git http-backend` as CGI) that demands the basic-auth login."""
-
-    project_root: ClassVar[str] = ""
-    authorized = 0  # requests that carried the right login
-
-    def log_message(self, *args):
-        pass
-
-    def _serve(self):
-        if self.headers.get("Authorization") != "Basic " + base64.b64encode(GIT_LOGIN.encode()).decode():
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="registry"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        type(self).authorized += 1
-        path, _, query = self.path.partition("?")
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        cgi_env = {
-            "PATH": os.environ["PATH"],
-            "GIT_PROJECT_ROOT": self.project_root,
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "REMOTE_USER": "user",
-            "REQUEST_METHOD": self.command,
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)),
-            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
-            "HTTP_GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-        }
-        out = subprocess.run(["git", "http-backend"], input=body, env=cgi_env, capture_output=True, check=True).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        status, headers = 200, []
-        for line in head.decode().split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.lower() == "status":
-                status = int(value.split()[0])
-            else:
-                headers.append((key, value.strip()))
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = _serve
-
-
 def test_git_login_opens_a_private_registry_for_dvc(tmp_path):
     import pickle
 
@@ -695,18 +653,15 @@ def test_git_login_opens_a_private_registry_for_dvc(tmp_path):
     publish(registry, manifest, "dataset_v01", remote=str(tmp_path / "dvc-remote"))
     subprocess.run(["git", "clone", "-q", "--bare", registry, served / "registry.git"], env=env, check=True)
 
-    _GitOverHttp.project_root, _GitOverHttp.authorized = str(served), 0
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GitOverHttp)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with GitOverHttp(served, login=GIT_LOGIN) as server:
         job = Job(tmp_path / "job")
         job.env = {k: v for k, v in job.env.items() if k != "DVC_PULL_SCRIPT"}  # the real dvc_pull.sh
-        job.env["DVC_REPO"] = f"http://127.0.0.1:{server.server_address[1]}/registry.git"
+        job.env["DVC_REPO"] = server.url("registry.git")
         (job.secrets / "git.txt").write_text(GIT_LOGIN)
         result = job.run("p-1", "b-1", "-", "-", "dataset_v01", "1", timeout=300)
         assert result.returncode == 0, result.stderr
         assert (job.work / "Versioning" / "versioned_paths.pickle").read_bytes() == manifest.read_bytes()
-        assert _GitOverHttp.authorized > 0
+        assert server.authorized > 0
         assert_no_leak(job, result)
 
         # The original's `https://user:token` form, and a token inside DVC_REPO itself: dvc_pull.sh takes
@@ -716,7 +671,7 @@ def test_git_login_opens_a_private_registry_for_dvc(tmp_path):
         for tool, real in (("git", "/usr/bin/git"), ("dvc", str(BIN / "dvc"))):
             (shims / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {argv_log}\nexec {real} "$@"\n')
             (shims / tool).chmod(0o755)
-        port = server.server_address[1]
+        port = server.port
         for env in (
             {"DVC_REPO": f"http://{GIT_LOGIN}@127.0.0.1:{port}/registry.git"},
             {"DVC_REPO": f"http://127.0.0.1:{port}/registry.git", "GIT_LOGIN": f"https://{GIT_LOGIN}"},
@@ -741,6 +696,3 @@ def test_git_login_opens_a_private_registry_for_dvc(tmp_path):
         result = job.run("p-1", "b-1", "-", "-", "dataset_v01", "1", timeout=300)
         assert result.returncode == 1 and job.cli() == {}, result.stderr
         assert result.stderr.strip().splitlines()[-1].endswith("dvc_pull.sh -t dataset_v01 failed (exit 1)")
-    finally:
-        server.shutdown()
-        server.server_close()
