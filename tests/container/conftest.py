@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.container.engine import Engine, EngineUnavailable, base_image_name, build, ensure_base, git_commit
+from tests.container.engine import Engine, EngineUnavailable, base_image_name, build, ensure_base
 from tests.fixtures.git_http import GitOverHttp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,11 @@ def image(engine: Engine) -> Image:
     _numbers["base_image"] = f"{how} in {time.monotonic() - started:.0f} s"
     seconds = build(engine, ROOT, IMAGE, log_path=CACHE / "build.log")
     _numbers["build_s"] = round(seconds, 1)
-    return Image(IMAGE, git_commit(ROOT))
+    # The commit the build baked in (HEAD may move while the tests run).
+    env = engine.docker("inspect", "--format", "{{range .Config.Env}}{{println .}}{{end}}", IMAGE).stdout.split()
+    baked = next((line.split("=", 1)[1] for line in env if line.startswith("DERMAID_GIT_COMMIT=")), "")
+    assert baked, f"the image was built without GIT_COMMIT: {env}"
+    return Image(IMAGE, baked)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -182,9 +182,9 @@ def test_docker_shell_builds_and_trains_with_secrets_mounted(engine, image, regi
             # As the original README: `sh docker-shell.sh`, then inside `sh dvc_pull.sh` and `python cli.py`
             # (typed at its shell; piped here). /secrets is there, readable and read-only, for a non-root user.
             commands = [
-                "id -u",
-                "cat /secrets/git.txt >/dev/null && echo readable",
-                "touch /secrets/x 2>/dev/null || echo read-only",
+                'echo "uid=$(id -u)"',
+                "cat /secrets/git.txt >/dev/null && echo secrets=readable",
+                "touch /secrets/x 2>/dev/null || echo secrets=read-only",
                 "sh dvc_pull.sh || exit $?",
                 " ".join(["python cli.py", *TINY, "-n shell -x"]),
             ]
@@ -200,8 +200,9 @@ def test_docker_shell_builds_and_trains_with_secrets_mounted(engine, image, regi
             numbers["docker_shell_build_and_run_s"] = round(time.monotonic() - started, 1)
             assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
             assert server.authorized > 0, "the login from secrets/git.txt did not reach the registry"
-            uid, readable, read_only = result.stdout.split()[:3]
-            assert uid != "0" and (readable, read_only) == ("readable", "read-only"), result.stdout
+            said = result.stdout.splitlines()  # after the build's own output
+            assert "uid=0" not in said and any(line.startswith("uid=") for line in said), result.stdout
+            assert "secrets=readable" in said and "secrets=read-only" in said, result.stdout
         _, files = run_folder(bucket, "shell")
         assert_complete_run(files)
         for secret in SECRETS:
@@ -266,6 +267,8 @@ def test_two_worker_containers_train_one_epoch_and_only_the_chief_publishes(engi
         assert statuses == [0, 0], tails
 
         found = blobs(bucket)
+        latest = json.loads(found.pop("models/mw/latest.json"))  # the stable pointer the chief writes last
+        assert latest["run_id"] == "mw-run", latest
         assert found and all(key.startswith("models/mw/mw-run/") for key in found), sorted(found)
         lineage = assert_complete_run({k[len("models/mw/mw-run/") :]: v for k, v in found.items()})
         assert lineage["devices"]["strategy"] == "MultiWorkerMirroredStrategy", lineage["devices"]
