@@ -209,6 +209,17 @@ def test_help_is_fast_and_does_not_import_tensorflow():
     assert "--manifest" in out.stdout and "default: 64" in out.stdout
 
 
+def test_an_endless_manifest_is_refused_before_reading(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "cli.py", "--manifest", "/dev/zero", "--output", str(tmp_path), "--weights", "none"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "/dev/zero" in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+
+
 def test_missing_manifest_says_to_pull(tmp_path):
     out = subprocess.run(
         [

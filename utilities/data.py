@@ -57,13 +57,16 @@ def load_manifest(path: str | Path) -> Manifest:
     """Load and validate `versioned_paths.pickle` (local path or gs:// URI); accepts the original three-key form."""
     name = str(path)
     try:
-        data = storage.read_bytes(name) if storage.is_gcs(name) else Path(name).read_bytes()
+        # Local: refused past the loader's size cap before reading (`--manifest /dev/zero` must not hang).
+        data = storage.read_bytes(name) if storage.is_gcs(name) else manifest_format.read_file(name)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise DataError(
             f"manifest {name} not found; fetch it with `sh dvc_pull.sh -t TAG` (or pass --manifest PATH)"
         ) from None
     except (OSError, storage.StorageError) as err:
         raise DataError(f"cannot read manifest {name}: {one_line(err)}") from None
+    except manifest_format.ManifestError as err:  # over the size cap
+        raise DataError(str(err)) from None
     try:
         manifest = manifest_format.parse(data, name)
     except manifest_format.ManifestError as err:
