@@ -623,6 +623,7 @@ def test_end_to_end_run_commands_trains_from_the_registry_into_the_bucket(prepar
 
     client = storage.Client(project="emulator", credentials=AnonymousCredentials())
     blobs = {b.name: b for b in client.list_blobs(bucket, prefix="models/e2e/")}
+    assert json.loads(blobs.pop("models/e2e/latest.json").download_as_bytes())["model"].startswith("gs://")
     (run_dir,) = {name.split("/")[2] for name in blobs}
     for name in ("metrics.json", "run.json"):
         assert f"models/e2e/{run_dir}/{name}" in blobs, sorted(blobs)

@@ -174,9 +174,12 @@ def test_two_workers_train_and_only_the_chief_publishes(gcs_data, gcs_emulator, 
     print(f"two-worker run took {time.monotonic() - started:.0f} s")
     assert_all_succeeded(workers)
 
-    # The chief published one complete run folder, and nothing else is in the bucket.
+    # The chief published one complete run folder and the model name's latest.json, nothing else.
     prefix = f"models/{name}/{run}/"
     names = sorted(blob.name for blob in gcs_data.client.list_blobs(bucket))
+    latest = f"models/{name}/latest.json"
+    assert latest in names, names
+    names.remove(latest)
     assert names and all(n.startswith(prefix) for n in names), names
     files = {n[len(prefix) :] for n in names}
     assert {"run.json", "metrics.json"} <= files, sorted(files)
