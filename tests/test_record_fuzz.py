@@ -92,12 +92,12 @@ def mutate(rng: random.Random) -> bytes:
 
 
 def check(path: Path) -> int | DataError:
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: a bound that a loaded machine cannot break
     try:
         result: int | DataError = verify_shard(path)
     except DataError as err:
         result = err
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     STATS["inputs"] += 1
     STATS["valid" if isinstance(result, int) else "refused"] += 1
     STATS["max_seconds"] = max(STATS["max_seconds"], seconds)
