@@ -14,11 +14,9 @@ are killed at the deadline and the tails of their output are shown.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.gcs import FaultProxy
+from tests.fixtures.gcs import FaultProxy, free_ports, upload_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_BUCKET = "dermaid-multiworker-data"
@@ -63,15 +61,6 @@ class Worker:
         shown = "\n".join(line for line in text.splitlines() if "Collective all_reduce tensors" not in line)
         last = "\n".join(shown.splitlines()[-lines:])
         return f"--- worker {self.index} (exit {self.process.returncode}), last {lines} lines of {self.log}:\n{last}"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all bound at once (port 0), then released for the workers to take."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def start_workers(args: list[str], cwd: Path, logs: Path, envs: list[dict[str, str]]) -> list[Worker]:
@@ -137,15 +126,7 @@ def gcs_data(prepared, gcs_emulator, tmp_path_factory) -> Iterator[GcsData]:
 
     client = storage.Client(project="emulator", credentials=AnonymousCredentials())
     gcs_emulator.make_bucket(DATA_BUCKET)
-    manifest = pickle.loads(prepared.manifest_path.read_bytes())  # our own fixture's file
-    uris = {}
-    for split in SPLITS:
-        for path in manifest[split]:
-            key = f"data/{split}/{Path(path).name}"
-            client.bucket(DATA_BUCKET).blob(key).upload_from_filename(path)
-            uris[path] = f"gs://{DATA_BUCKET}/{key}"
-    manifest.update({split: [uris[p] for p in manifest[split]] for split in SPLITS})
-    manifest["sha256"] = {uris[p]: digest for p, digest in manifest["sha256"].items()}
+    manifest = upload_prepared(prepared.manifest_path, client, DATA_BUCKET)
     path = tmp_path_factory.mktemp("gcs-manifest") / "versioned_paths.pickle"
     path.write_bytes(pickle.dumps(manifest, protocol=4))
     yield GcsData(client, path, manifest["sha256"])

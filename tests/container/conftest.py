@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.container.engine import Engine, EngineUnavailable, base_image_name, build, ensure_base
+from tests.fixtures.gcs import upload_prepared
 from tests.fixtures.git_http import GitOverHttp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,15 +162,7 @@ def registry(prepared, gcs_emulator, tmp_path_factory) -> Iterator[Registry]:
     tmp = tmp_path_factory.mktemp("container-registry")
     client = gcs_client()
     gcs_emulator.make_bucket(DATA_BUCKET)
-    manifest = pickle.loads(prepared.manifest_path.read_bytes())  # our own fixture's file
-    uris = {}
-    for split in SPLITS:
-        for path in manifest[split]:
-            key = f"data/{split}/{Path(path).name}"
-            client.bucket(DATA_BUCKET).blob(key).upload_from_filename(path)
-            uris[path] = f"gs://{DATA_BUCKET}/{key}"
-    manifest.update({split: [uris[p] for p in manifest[split]] for split in SPLITS})
-    manifest["sha256"] = {uris[p]: digest for p, digest in manifest["sha256"].items()}
+    manifest = upload_prepared(prepared.manifest_path, client, DATA_BUCKET)
     manifest_path = tmp / "versioned_paths.pickle"
     manifest_path.write_bytes(pickle.dumps(manifest, protocol=4))
 

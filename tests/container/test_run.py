@@ -32,7 +32,7 @@ from tests.container.conftest import (
     files_containing,
     secrets_folder,
 )
-from tests.fixtures.gcs import FaultProxy
+from tests.fixtures.gcs import FaultProxy, free_ports
 from tests.fixtures.git_http import GitOverHttp
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -216,14 +216,6 @@ def test_docker_shell_builds_and_trains_with_secrets_mounted(engine, image, regi
 
 
 # ---- two containers, one cluster: TF_CONFIG, host networking --------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 class RecordingProxy(FaultProxy):
