@@ -30,8 +30,8 @@ from tests.container.engine import Engine, EngineUnavailable, base_image_name, b
 
 IMAGE = "dermaid-training:bench"
 DATA_SCRIPT = (
-    "python -m tools.demo_data --out /work/isic --images 240 --seed 0 >/dev/null && "
-    "python -m tools.prepare --input /work/isic --out /work/data --image-size 32 --shard-size 40 --seed 0 >/dev/null"
+    "python -m tools.demo_data --out /bench/isic --images 240 --seed 0 >/dev/null && "
+    "python -m tools.prepare --input /bench/isic --out /bench/data --image-size 32 --shard-size 40 --seed 0 >/dev/null"
 )
 TRAIN_ARGS = ["--weights", "none", "--image-size", "32", "-b", "16", "-f", "16", "-e", "2", "--patience", "0"]
 
@@ -61,10 +61,10 @@ def measure_rebuild(engine: Engine) -> float:
 def measure_startup(engine: Engine, image: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         Path(tmp).chmod(0o777)  # the image's user (uid 1000) writes there
-        mount = ["-v", f"{tmp}:/work", "--network", "none"]
+        mount = ["-v", f"{tmp}:/bench", "--network", "none"]
         engine.docker("run", "--rm", *mount, "--entrypoint", "/bin/bash", image, "-c", DATA_SCRIPT, timeout=600)
         cmd = [engine.client, "run", "--rm", *mount, "-e", "WANDB_MODE=disabled", "--entrypoint", "python", image]
-        cmd += ["cli.py", "--manifest", "/work/data/versioned_paths.pickle", "--output", "/work/out", *TRAIN_ARGS]
+        cmd += ["cli.py", "--manifest", "/bench/data/versioned_paths.pickle", "--output", "/bench/out", *TRAIN_ARGS]
         started = time.monotonic()
         first_epoch = None
         with subprocess.Popen(cmd, env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
