@@ -6,7 +6,8 @@
 
 This is the only module that reads the environment. `--help` does not import TensorFlow.
 Exit codes: 0 success, 2 usage or input error (one line on stderr), 1 failure during the run,
-130 interrupted (rerun with the printed --run-id to resume).
+130 interrupted (Ctrl-C), 75 preempted (SIGTERM: a backup of the last step is saved); after either,
+rerun with the printed --run-id to resume.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from utilities.config import (
 )
 
 log = logging.getLogger("dermaid")
+PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run resumes
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -129,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--jit",
         action="store_true",
         help="XLA-compile the Keras training steps (model; pruning and distillation with one replica); CPU: -g 1 only",
+    )
+
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="training steps between backups (a rerun with the same --run-id resumes at the next step); "
+        "0: every 5 minutes, or every epoch with several workers",
+    )
+    train.add_argument(
+        "--progress-every",
+        dest="progress_seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a progress line (step, loss, rate, ETA) this often inside an epoch; 0: every step",
     )
 
     comp = parser.add_argument_group("Compression")
@@ -267,6 +286,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
             gpus=args.gpus,
             mixed_precision=args.mixed_precision,
             jit=args.jit,
+            checkpoint_every=args.checkpoint_every,
+            progress_seconds=args.progress_seconds,
         ),
         compression=CompressionConfig(
             prune=args.prune,
@@ -335,6 +356,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except KeyboardInterrupt:
         print(f"error: interrupted; rerun with --run-id {config.output.run_id} to resume", file=sys.stderr)
         return 130
+    except training.Preempted as exc:
+        print(
+            f"error: preempted (SIGTERM): {exc}; rerun with --run-id {config.output.run_id} to resume", file=sys.stderr
+        )
+        return PREEMPTED
     except Exception as exc:
         log.debug("run failed", exc_info=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # `python training.py …`, the original's entry poi
 
     sys.exit(cli.main())
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -32,7 +33,15 @@ import tensorflow as tf
 import tf_keras
 
 from utilities import data, distribution, evaluation, feature_cache, storage, tracking, variant_eval
-from utilities.callbacks import NanGuard, ResumeProbe
+from utilities.callbacks import (
+    BACKUP_SECONDS,
+    Backup,
+    NanGuard,
+    Preempted,
+    PreemptionWatch,
+    ProgressLog,
+    resume_position,
+)
 from utilities.config import Config, ConfigError
 from utilities.model import (
     ModelError,
@@ -92,6 +101,12 @@ class RunResult:
 
 
 def run(config: Config) -> RunResult:
+    """The whole run; SIGTERM raises `Preempted` (inside training: after saving a backup of the step)."""
+    with PreemptionWatch() as watch:
+        return _run(config, watch)
+
+
+def _run(config: Config, watch: PreemptionWatch) -> RunResult:
     started = _now()
     # ------------------------------------------------------------------ devices and strategy
     cluster = distribution.parse_cluster(config.cluster.tf_config)
@@ -139,9 +154,13 @@ def run(config: Config) -> RunResult:
         log.info("model: %s parameters (%s trainable)", f"{model.count_params():,}", f"{_trainable(model):,}")
 
         # -------------------------------------------------------------- train (resumes from backup)
-        resumed_from = fit(model, datasets, config, folder, tracker, strategy)
+        epoch, step = fit(model, datasets, config, folder, tracker, strategy, watch)
         history = read_history(folder.path("history.csv"))
-        lineage["training"] = {"resumed_from_epoch": resumed_from, "epochs_run": len(history.get("loss", []))}
+        lineage["training"] = {
+            "resumed_from_epoch": epoch,  # 0-based; (0, 0): not resumed
+            "resumed_from_step": step,
+            "epochs_run": len(history.get("loss", [])),
+        }
         lineage["fusion_weights"] = fusion_weights(model)
 
         # -------------------------------------------------------------- evaluate and export
@@ -230,21 +249,36 @@ def local_mount(uri: str) -> str:
 # ---------------------------------------------------------------------- training
 
 
-def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -> int:
-    """Train with class weights; return the epoch training started from (0 unless resumed).
+def fit(
+    model, datasets, config: Config, folder: RunFolder, tracker, strategy, watch: PreemptionWatch
+) -> tuple[int, int]:
+    """Train with class weights; return the (epoch, step) training started from, 0-based ((0, 0) unless resumed).
+
+    Backups (`Backup`) every --checkpoint-every steps (default: every 5 minutes; several workers: every
+    epoch), at every epoch's end and at once on SIGTERM; a rerun with the same run id restores the
+    latest and continues at the next step with the very batches it would have seen (`train_from`).
 
     With a frozen backbone and no augmentation (or --cache-features on), the backbone's features are
     computed once and only the head trains; the head shares the full model's layer objects, so the
     full model ends up trained and is what gets exported.
     """
-    probe = ResumeProbe()
+    several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    backup_dir = str(folder.checkpoints / "backup")
+    steps = datasets.steps_per_epoch["train"]
+    epoch, step = resume_position(backup_dir, steps)
+    if epoch >= config.train.epochs:
+        log.info("training had finished before this run was interrupted: its final weights are restored")
+    elif (epoch, step) != (0, 0):
+        log.info(
+            "resuming from the backup at epoch %d step %d (of %d epochs × %d steps)",
+            epoch + 1,
+            step + 1,
+            config.train.epochs,
+            steps,
+        )
     callbacks = [
-        # Backup first so its restore happens before other callbacks see the epoch.
-        tf_keras.callbacks.BackupAndRestore(str(folder.checkpoints / "backup")),
-        probe,
         NanGuard(),
-        # The latest epoch's weights (overwritten each epoch: one copy, not one per epoch).
-        tf_keras.callbacks.ModelCheckpoint(str(folder.checkpoints / "last"), save_weights_only=True),
+        ProgressLog(config.train.progress_seconds),
         tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
         *tracker.callbacks(),
     ]
@@ -256,24 +290,31 @@ def fit(model, datasets, config: Config, folder: RunFolder, tracker, strategy) -
         )
     if config.output.tensorboard_dir:
         callbacks.append(tf_keras.callbacks.TensorBoard(local_mount(config.output.tensorboard_dir)))
-    trainee, train_data, val_data, steps = model, datasets.train, datasets.val, None
+    # Last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
+    seconds = 0.0 if several_workers or config.train.checkpoint_every else BACKUP_SECONDS
+    callbacks.append(
+        Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch)
+    )
+    trainee, train_data, val_data = model, datasets.train_from(epoch, step, config.train.epochs), datasets.val
     if feature_cache.should_cache(config):
         with strategy.scope():
             trainee = feature_cache.head_model(model)
             compile_model(trainee, config.train.learning_rate, jit=config.train.jit)
-        cached = feature_cache.cache_datasets(model, datasets, config)
-        train_data, val_data, steps = cached.train, cached.val, cached.steps_per_epoch
+        cached = feature_cache.cache_datasets(model, datasets, config, epoch, step)
+        train_data, val_data = cached.train, cached.val
         log.info("training the head on cached backbone features (%d view(s))", cached.views)
-    trainee.fit(
-        train_data,
-        validation_data=val_data,
-        steps_per_epoch=steps,
-        epochs=config.train.epochs,
-        class_weight=datasets.class_weights,
-        callbacks=callbacks,
-        verbose=2,
-    )
-    return probe.start_epoch or 0
+    # SIGTERM inside fit: finish the step, save, then stop (several workers: at once; their save is collective).
+    with watch.deferred() if not several_workers else contextlib.nullcontext():
+        trainee.fit(
+            train_data,
+            validation_data=val_data,
+            steps_per_epoch=steps,
+            epochs=config.train.epochs,
+            class_weight=datasets.class_weights,
+            callbacks=callbacks,
+            verbose=2,
+        )
+    return epoch, step
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -460,4 +501,4 @@ def _rounded(weights: dict[int, float]) -> dict[int, float]:
     return {k: round(v, 3) for k, v in weights.items()}
 
 
-__all__ = ["INPUT_ERRORS", "RunError", "run"]
+__all__ = ["INPUT_ERRORS", "Preempted", "RunError", "run"]

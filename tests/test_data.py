@@ -364,6 +364,24 @@ def test_augmented_training_batches_differ_between_epochs_but_labels_are_untouch
     assert not np.allclose(a["image"], b["image"]) and not np.allclose(a["image"], p["image"])
 
 
+def test_a_resumed_stream_yields_the_very_batches_an_uninterrupted_one_would(prepared: Prepared) -> None:
+    built = build_datasets(_shards(prepared), image_size=32, global_batch_size=16, seed=5)
+    steps = built.steps_per_epoch["train"]
+
+    def batches(dataset: tf.data.Dataset, n: int) -> list[np.ndarray]:
+        return [np.concatenate([f["image"].numpy().ravel(), f["metadata"].numpy().ravel()]) for f, _ in dataset.take(n)]
+
+    whole = batches(built.train_from(0, 0, 3), 3 * steps)
+    for epoch, step in ((0, 3), (1, 0), (1, steps - 1), (2, 1)):
+        resumed = built.train_from(epoch, step, 3)
+        assert int(resumed.cardinality()) == (3 - epoch) * steps - step  # what fit consumes
+        resumed = batches(resumed, 2)
+        at = epoch * steps + step
+        for got, expected in zip(resumed, whole[at : at + 2], strict=True):
+            np.testing.assert_array_equal(got, expected)  # same examples, same augmentation
+    assert not np.array_equal(whole[0], whole[steps])  # epochs differ
+
+
 def test_bad_build_arguments(prepared: Prepared) -> None:
     with pytest.raises(DataError, match=r"shards have no test split"):
         build_datasets({"train": ["a"], "val": []}, image_size=32, global_batch_size=8, seed=0)

@@ -1,19 +1,38 @@
-"""Keras callbacks shared by every `fit` of the job: the main model, the pruning fine-tune, the Distiller.
+"""Keras callbacks shared by every `fit` of the job: the main model, the pruning fine-tune, the Distiller;
+and the SIGTERM watch that turns a preemption into a saved backup and a clean exit.
 
 probe = ResumeProbe()
-model.fit(..., callbacks=[BackupAndRestore(dir), probe, NanGuard("pruning"), ...])
+model.fit(..., callbacks=[probe, NanGuard("pruning"), ...])
 probe.start_epoch   # the epoch fit started from (after BackupAndRestore restored its state)
+
+with PreemptionWatch() as watch:                      # SIGTERM → Preempted (BaseException)
+    with watch.deferred():                            # inside fit: at the end of the current step,
+        model.fit(..., callbacks=[..., Backup(dir, watch=watch)])   # after Backup has saved it
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
 
+import tensorflow as tf
 import tf_keras
+
+log = logging.getLogger(__name__)
+BACKUP_SECONDS = 300.0  # default interval between backups on one machine: at most ~5 minutes of work at risk
 
 
 class NanLossError(RuntimeError):
     """The loss became NaN or infinite; the message names what was training, the epoch and the step."""
+
+
+class Preempted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """SIGTERM arrived (Vertex AI, spot VMs: ~30 s before the kill); what could be saved is saved."""
 
 
 class NanGuard(tf_keras.callbacks.Callback):
@@ -43,3 +62,142 @@ class ResumeProbe(tf_keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.start_epoch is None:
             self.start_epoch = epoch
+
+
+class ProgressLog(tf_keras.callbacks.Callback):
+    """One log line every `seconds` (0: every step) inside an epoch: step, loss, rate and ETA.
+
+    Keras' verbose=2 prints once per epoch; at ISIC scale an epoch is minutes to hours of silence.
+    Plain lines (no carriage returns), so they read the same in a terminal and in Vertex AI's log.
+    """
+
+    def __init__(self, seconds: float = 30.0, what: str = "training") -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.what = what
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.first, self.started = epoch, None, time.monotonic()
+        self.last = self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if self.first is None:  # a resumed epoch starts past step 0
+            self.first, self.started = batch, now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        steps, epochs = self.params.get("steps") or 0, self.params.get("epochs") or 0
+        done = batch - self.first
+        rate = done / (now - self.started) if done and now > self.started else 0.0
+        eta = f", epoch ETA {(steps - batch - 1) / rate:.0f} s" if rate and steps else ""
+        loss = (logs or {}).get("loss")
+        log.info(
+            "%s epoch %d/%d step %d/%d loss %s (%.2f steps/s%s)",
+            self.what,
+            self.epoch + 1,
+            epochs,
+            batch + 1,
+            steps,
+            f"{float(loss):.4f}" if loss is not None else "?",
+            rate,
+            eta,
+        )
+
+
+class PreemptionWatch:
+    """SIGTERM → `Preempted`: at once, or (inside `deferred()`) once the current step is done and saved.
+
+    Installed only in the main thread (signal handlers live there); elsewhere SIGTERM keeps its default.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._defer = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+        log.warning("SIGTERM received: %s", "saving a backup after this step" if self._defer else "stopping")
+        if not self._defer:
+            raise Preempted("SIGTERM")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+        if self.signalled:  # arrived after the last step's check
+            raise Preempted("SIGTERM")
+
+
+class Backup(tf_keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that saves mid-epoch: every `every_steps` steps (0: off), every `every_seconds`
+    (0: off), at the last step of each epoch, and at once when `watch` saw SIGTERM (then raises Preempted).
+
+    Keras resumes a mid-epoch backup at the next step (`resume_position`); the data pipeline must then
+    start at that very batch (`Datasets.train_from`). On success the final state is saved as "epoch
+    `epochs`, step 0" (after EarlyStopping restored its best weights, when this callback comes last),
+    so a rerun of a run that trained to the end restores those weights and trains no further step.
+    With several workers the save is collective: `every_seconds` must be 0 (steps agree, clocks do not).
+    """
+
+    def __init__(
+        self, backup_dir: str, every_steps: int = 0, every_seconds: float = 0.0, watch: PreemptionWatch | None = None
+    ) -> None:
+        super().__init__(backup_dir, save_freq=1, delete_checkpoint=False)
+        self.every_steps, self.every_seconds, self.watch = every_steps, every_seconds, watch
+        self.saved = 0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._since, self._clock = 0, time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._since += 1
+        preempted = self.watch is not None and self.watch.signalled
+        if (
+            preempted
+            or batch == (self.params.get("steps") or 0) - 1
+            or (self.every_steps and self._since >= self.every_steps)
+            or (self.every_seconds and time.monotonic() - self._clock >= self.every_seconds)
+        ):
+            self._backup(epoch=self._current_epoch, batch=batch)
+            self._since, self._clock, self.saved = 0, time.monotonic(), self.saved + 1
+        if preempted:
+            raise Preempted(f"backup saved at epoch {self._current_epoch + 1} step {batch + 1}")
+
+    def on_train_end(self, logs=None):
+        # "The last step of the last epoch is done": Keras resumes that at epoch `epochs`, i.e. not at all.
+        last_epoch, last_step = self.params["epochs"] - 1, (self.params.get("steps") or 1) - 1
+        self._training_state._ckpt_saved_epoch.assign(last_epoch)
+        self._training_state._ckpt_saved_batch.assign(last_step)
+        self._backup(epoch=last_epoch, batch=last_step)
+        super().on_train_end(logs)  # delete_checkpoint=False: forgets the state, keeps the files
+
+
+def resume_position(backup_dir: str, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step) where `fit` with a `Backup` on `backup_dir` will start: Keras' own rule for
+    step-level backups (tf_keras `WorkerTrainingState.maybe_load_initial_counters_from_ckpt`)."""
+    latest = tf.train.latest_checkpoint(f"{backup_dir}/chief")
+    if latest is None:
+        return 0, 0
+    reader = tf.train.load_checkpoint(latest)
+    epoch = int(reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    batch = int(reader.get_tensor("ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"))
+    if batch < 0:
+        return 0, 0  # never saved mid-training (an epoch-level backup of an older version): Keras starts over
+    return (epoch + 1, 0) if batch == steps_per_epoch - 1 else (epoch, batch + 1)

@@ -73,9 +73,13 @@ class TrainConfig:
     gpus: int = 1  # replicas on this machine (MirroredStrategy when > 1)
     mixed_precision: bool = False
     jit: bool = False
+    checkpoint_every: int = 0  # training steps between backups; 0: every 5 minutes (every epoch on several workers)
+    progress_seconds: float = 30.0  # seconds between progress lines inside an epoch; 0: every step
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: every 5 minutes)")
+        _check(self.progress_seconds >= 0, "--progress-every must be >= 0 seconds")
         _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(self.learning_rate > 0, "--learning-rate must be positive")
         _check(self.patience >= 0, "--patience must be >= 0")

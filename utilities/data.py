@@ -16,6 +16,8 @@ takes raw pixels.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -410,9 +412,16 @@ def make_augmenter(aug: Augmentation = Augmentation()) -> Callable[..., tuple[di
     return augment_batch
 
 
-def augment_dataset(batches: tf.data.Dataset, seed: int, aug: Augmentation = Augmentation()) -> tf.data.Dataset:
-    """Augment a dataset of batches; reproducible for a seed, different in every epoch."""
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)  # int64 [2] per batch
+def batch_seeds(seed: int, first: int = 0) -> tf.data.Dataset:
+    """Endless int64 [2] seeds `(seed, i)` for batches i = first, first + 1, …: batch i's augmentation
+    depends on its position alone, so a run resumed mid-epoch augments the rest exactly as before."""
+    return tf.data.Dataset.counter(first).map(lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
+
+
+def augment_dataset(
+    batches: tf.data.Dataset, seeds: tf.data.Dataset, aug: Augmentation = Augmentation()
+) -> tf.data.Dataset:
+    """Augment a dataset of batches with one int64 [2] seed per batch (see `batch_seeds`)."""
     return tf.data.Dataset.zip((batches, seeds)).map(make_augmenter(aug), num_parallel_calls=AUTOTUNE)
 
 
@@ -421,7 +430,7 @@ def augment_dataset(batches: tf.data.Dataset, seed: int, aug: Augmentation = Aug
 
 @dataclass(frozen=True)
 class Datasets:
-    train: tf.data.Dataset  # shuffled (new order every epoch), augmented; last batch may be partial
+    train: tf.data.Dataset  # one epoch, shuffled (a new order on every pass), augmented; last batch may be partial
     val: tf.data.Dataset  # file order, not augmented
     test: tf.data.Dataset  # file order, not augmented
     class_weights: dict[int, float]  # balanced, from the train split only
@@ -429,6 +438,10 @@ class Datasets:
     class_counts: dict[str, tuple[int, ...]]  # examples per split per class, CLASS_NAMES order
     steps_per_epoch: dict[str, int]  # batches per split, ceil(count / global_batch_size)
     train_clean: tf.data.Dataset | None = None  # train, shuffled but not augmented (BatchNorm re-estimation)
+    # `train_from(epoch, step, epochs)`: the train batches of epochs `epoch`..`epochs` - 1 from batch `step`;
+    # epoch e's order and augmentation depend on (seed, e) alone, so a run resumed at (e, s) sees the very
+    # batches it would have seen. Fit it with steps_per_epoch.
+    train_from: Callable[[int, int, int], tf.data.Dataset] | None = None
 
 
 def count_labels(paths: list[str]) -> np.ndarray:
@@ -478,20 +491,53 @@ def _with_length(batches: tf.data.Dataset, steps: int) -> tf.data.Dataset:
     return batches.apply(tf.data.experimental.assert_cardinality(steps))
 
 
-def _train_dataset(
-    paths: list[str], image_size: int, batch: int, seed: int, augment: bool, buffer: int, steps: int
-) -> tf.data.Dataset:
-    files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    records = files.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE, deterministic=True
-    )
-    # Shuffle serialized records (before decoding: cheaper to hold), then decode in parallel. Not
-    # repeated: Keras iterates it once per epoch and reshuffle_each_iteration gives a new order each time.
-    records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
-    if augment:
-        batches = augment_dataset(batches, seed)
-    return _with_sharding_options(_with_length(batches, steps).prefetch(AUTOTUNE))
+@dataclass(frozen=True)
+class _TrainSplit:
+    """How the train split is read; `epoch(e, skip)` gives epoch e's batches, the first `skip` left out."""
+
+    paths: tuple[str, ...]
+    image_size: int
+    batch: int
+    seed: int
+    augment: bool
+    buffer: int
+    steps: int
+    raw: bool
+
+    def epoch(self, epoch: int | None, skip: int = 0) -> tf.data.Dataset:
+        """Epoch `epoch`'s batches, the first `skip` left out: order and augmentation depend on (seed, epoch)
+        alone. None: a new order and new augmentation on every pass (seeded by the run's seed)."""
+        seed = self.seed if epoch is None else (self.seed * 1_000_003 + epoch) % (2**31 - 1)
+        again = epoch is None  # reshuffle on every pass
+        files = tf.data.Dataset.from_tensor_slices(list(self.paths)).shuffle(
+            len(self.paths), seed=seed, reshuffle_each_iteration=again
+        )
+        records = files.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(self.paths), 8),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
+        # Shuffle serialized records (before decoding: cheaper to hold), then decode in parallel.
+        records = records.shuffle(self.buffer, seed=seed, reshuffle_each_iteration=again)
+        batches = parse_batches(records.skip(skip * self.batch), self.image_size, self.batch, raw=self.raw)
+        if not self.augment:
+            return batches
+        if again:
+            return augment_dataset(batches, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2))
+        return augment_dataset(batches, batch_seeds(seed, skip))
+
+    def one_epoch(self) -> tf.data.Dataset:
+        """One epoch, in a new order on every pass: Keras iterates it once per epoch."""
+        return _with_sharding_options(_with_length(self.epoch(None), self.steps).prefetch(AUTOTUNE))
+
+    def stream(self, epoch: int, step: int, epochs: int) -> tf.data.Dataset:
+        """The rest of epoch `epoch` from batch `step`, then each epoch up to `epochs` (exclusive): what
+        `fit(..., steps_per_epoch=steps, epochs=epochs)` started at (epoch, step) consumes, exactly."""
+        parts = [self.epoch(e, skip=step if e == epoch else 0) for e in range(epoch, max(epochs, epoch + 1))]
+        whole = functools.reduce(tf.data.Dataset.concatenate, parts)
+        length = max(epochs - epoch, 1) * self.steps - step
+        return _with_sharding_options(_with_length(whole, length).prefetch(AUTOTUNE))
 
 
 def _eval_dataset(paths: list[str], image_size: int, batch: int, steps: int) -> tf.data.Dataset:
@@ -529,14 +575,21 @@ def build_datasets(
     class_counts = {split: tuple(int(c) for c in count_labels(list(shards[split]))) for split in SPLITS}
     counts = {split: sum(c) for split, c in class_counts.items()}
     steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}
-    train = _train_dataset(
-        list(shards["train"]), image_size, global_batch_size, seed, augment, shuffle_buffer, steps["train"]
+    paths = tuple(shards["train"])
+    split = _TrainSplit(
+        paths,
+        image_size,
+        global_batch_size,
+        seed,
+        augment,
+        shuffle_buffer,
+        steps["train"],
+        shards_are_raw(list(paths), image_size),
     )
     return Datasets(
-        train=train,
-        train_clean=_train_dataset(
-            list(shards["train"]), image_size, global_batch_size, seed, False, shuffle_buffer, steps["train"]
-        ),
+        train=split.one_epoch(),
+        train_clean=dataclasses.replace(split, augment=False).one_epoch(),
+        train_from=split.stream,
         val=_eval_dataset(list(shards["val"]), image_size, global_batch_size, steps["val"]),
         test=_eval_dataset(list(shards["test"]), image_size, global_batch_size, steps["test"]),
         class_weights=class_weights_from_counts(class_counts["train"]),

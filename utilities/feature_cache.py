@@ -22,7 +22,7 @@ views (K = min(epochs, MAX_VIEWS)) and epoch e trains on view e % K. The views a
 augmenting train pipeline, which draws new augmentation seeds on every pass (`data.augment_dataset`);
 `compute_features(..., augmentation=...)` instead augments an un-augmented split with seeds
 seed + v. With K < epochs each augmented image is seen more than once: augmentation diversity traded
-for speed. After a resume (BackupAndRestore) the cycle restarts at view 0.
+for speed. A resumed run continues the cycle where it stopped (same view, order and batch).
 
 Memory: 4 KiB per image per view (float32 × 1024) plus 144 bytes of metadata and labels, held in
 host memory; ISIC 2019's ~25k training images × 4 views ≈ 0.4 GB.
@@ -138,7 +138,9 @@ class FeatureCache:
 
 
 def _view(dataset: tf.data.Dataset, view: int, seed: int, augmentation: data.Augmentation | None) -> tf.data.Dataset:
-    return dataset if augmentation is None else data.augment_dataset(dataset, seed + view, augmentation)
+    return (
+        dataset if augmentation is None else data.augment_dataset(dataset, data.batch_seeds(seed + view), augmentation)
+    )
 
 
 def _extract(extract, dataset: tf.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -155,7 +157,7 @@ def compute_features(
 ) -> FeatureCache:
     """Run `extractor` over K passes of a batched ({"image", "metadata"}, labels) dataset.
 
-    `augmentation` given: view v = `data.augment_dataset(dataset, seed + v, augmentation)` (pass the
+    `augmentation` given: view v = `dataset` augmented with `data.batch_seeds(seed + v)` (pass the
     un-augmented split). None: each view is one more iteration of `dataset` as it is (an augmenting
     pipeline re-randomizes on every pass). Runs outside any `strategy.run` (inference only), also
     under MirroredStrategy: mirrored variables are read in cross-replica context.
@@ -206,22 +208,24 @@ def _batches(cache: FeatureCache, view: tf.Tensor, order: tf.Tensor, batch_size:
     return tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).map(gather)
 
 
-def train_dataset(cache: FeatureCache, seed: int = 0, batch_size: int | None = None) -> tf.data.Dataset:
-    """Endless batches: epoch e = view e % K in a fresh seeded order; fit it with `steps_per_epoch`.
+def train_dataset(
+    cache: FeatureCache, seed: int = 0, batch_size: int | None = None, epoch: int = 0, step: int = 0
+) -> tf.data.Dataset:
+    """Endless batches from (epoch, step): epoch e = view e % K in an order drawn from (seed, e) alone;
+    fit it with `steps_per_epoch`. A run resumed at (e, s) sees the very batches it would have seen.
 
     Each epoch is exactly ceil(N / batch) batches (the last one may be partial, as in the uncached
     pipeline), so with `steps_per_epoch` Keras keeps one iterator and epochs align with views.
     """
     batch = batch_size or cache.batch_size
     n = cache.examples
-    epoch_views = tf.data.Dataset.range(cache.views).repeat()
-    epoch_seeds = tf.data.Dataset.random(seed=seed).batch(2)  # int64 [2] per epoch, reproducible
 
-    def one_epoch(view: tf.Tensor, pair: tf.Tensor) -> tf.data.Dataset:
+    def one_epoch(number: tf.Tensor) -> tf.data.Dataset:
+        pair = tf.stack([tf.constant(seed, tf.int64), number])
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=pair)
-        return _batches(cache, view, order, batch)
+        return _batches(cache, number % cache.views, order, batch)
 
-    stream = tf.data.Dataset.zip((epoch_views, epoch_seeds)).flat_map(one_epoch)
+    stream = tf.data.Dataset.counter(epoch).flat_map(one_epoch).skip(step)  # skipped batches: a gather each
     return _sharding_options(stream.prefetch(data.AUTOTUNE))
 
 
@@ -255,18 +259,23 @@ def cache_dataset(
 class CachedData:
     """What `fit` needs to train the head on cached features."""
 
-    train: tf.data.Dataset  # endless (epoch e = view e % K): fit it with steps_per_epoch
+    train: tf.data.Dataset  # endless from the start position (epoch e = view e % K): fit it with steps_per_epoch
     val: tf.data.Dataset  # one pass, input order
     steps_per_epoch: int  # ceil(train examples / global batch), as the uncached pipeline
     views: int
 
 
-def cache_datasets(model: tf_keras.Model, datasets: data.Datasets, config: Config) -> CachedData:
-    """Train (K views, see `view_count`) and val features of the job's datasets; one inference pass per view."""
+def cache_datasets(
+    model: tf_keras.Model, datasets: data.Datasets, config: Config, epoch: int = 0, step: int = 0
+) -> CachedData:
+    """Train (K views, see `view_count`) and val features of the job's datasets; one inference pass per view.
+
+    The train stream starts at (epoch, step), where a resumed run continues (see `train_dataset`).
+    """
     extractor = feature_extractor(model)
     train = compute_features(extractor, datasets.train, view_count(config), config.train.seed)
     return CachedData(
-        train=train_dataset(train, config.train.seed),
+        train=train_dataset(train, config.train.seed, epoch=epoch, step=step),
         val=cache_dataset(extractor, datasets.val),
         steps_per_epoch=math.ceil(train.examples / train.batch_size),
         views=train.views,
