@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="a progress line (step, loss, rate, ETA) this often inside an epoch; 0: every step",
+        help="output to a log, not a terminal: a progress line (step, loss, rate, ETA) this often inside an epoch; "
+        "0: every step (a terminal gets Keras' progress bar)",
     )
 
     comp = parser.add_argument_group("Compression")

@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -276,9 +277,12 @@ def fit(
             config.train.epochs,
             steps,
         )
+    # A terminal gets Keras' progress bar; a log (Vertex AI, CI, a file) one plain line per epoch plus
+    # a progress line every --progress-every seconds (a bar's carriage returns garble logs).
+    terminal = sys.stdout.isatty()
     callbacks = [
         NanGuard(),
-        ProgressLog(config.train.progress_seconds),
+        *([] if terminal else [ProgressLog(config.train.progress_seconds)]),
         tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
         *tracker.callbacks(),
     ]
@@ -312,7 +316,7 @@ def fit(
             epochs=config.train.epochs,
             class_weight=datasets.class_weights,
             callbacks=callbacks,
-            verbose=2,
+            verbose=1 if terminal else 2,
         )
     return epoch, step
 
