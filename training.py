@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -40,7 +39,7 @@ from utilities.callbacks import (
     NanGuard,
     Preempted,
     PreemptionWatch,
-    ProgressLog,
+    progress_display,
     resume_position,
 )
 from utilities.config import Config, ConfigError
@@ -279,10 +278,10 @@ def fit(
         )
     # A terminal gets Keras' progress bar; a log (Vertex AI, CI, a file) one plain line per epoch plus
     # a progress line every --progress-every seconds (a bar's carriage returns garble logs).
-    terminal = sys.stdout.isatty()
+    verbose, progress = progress_display(config.train.progress_seconds)
     callbacks = [
         NanGuard(),
-        *([] if terminal else [ProgressLog(config.train.progress_seconds)]),
+        *progress,
         tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
         *tracker.callbacks(),
     ]
@@ -316,7 +315,7 @@ def fit(
             epochs=config.train.epochs,
             class_weight=datasets.class_weights,
             callbacks=callbacks,
-            verbose=1 if terminal else 2,
+            verbose=verbose,
         )
     return epoch, step
 

@@ -1,10 +1,23 @@
 """The callbacks every fit path shares (main model, pruning fine-tune, Distiller)."""
 
+import logging
+import re
+import signal
+
 import numpy as np
 import pytest
 import tf_keras
 
-from utilities.callbacks import NanGuard, NanLossError, ResumeProbe
+from utilities.callbacks import (
+    Backup,
+    NanGuard,
+    NanLossError,
+    Preempted,
+    PreemptionWatch,
+    ProgressLog,
+    ResumeProbe,
+    resume_position,
+)
 
 
 def _tiny() -> tf_keras.Model:
@@ -25,3 +38,29 @@ def test_nan_guard_stops_at_the_first_non_finite_loss_naming_step_and_what():
     assert probe.start_epoch == 0
     history = _tiny().fit(np.ones((8, 3)), y, batch_size=2, epochs=2, callbacks=[NanGuard()], verbose=0)
     assert len(history.history["loss"]) == 2  # finite losses: untouched
+
+
+def test_progress_lines_in_a_log_name_epoch_step_loss_rate_and_eta(caplog, tmp_path):
+    x, y = np.ones((8, 3), "float32"), np.eye(2, dtype="float32")[np.arange(8) % 2]
+    with caplog.at_level(logging.INFO, logger="utilities.progress"):
+        _tiny().fit(x, y, batch_size=2, epochs=2, callbacks=[ProgressLog(0.0)], verbose=0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8 and all("\r" not in line for line in lines)  # every step (0 s), two epochs of 4
+    assert re.fullmatch(r"training epoch 2/2 step 4/4 loss \d+\.\d{4} \(\d+\.\d\d steps/s, ETA 0 s\)", lines[-1])
+
+
+def test_a_preempted_fit_saves_the_step_and_resumes_after_it(tmp_path):
+    x, y = np.arange(24, dtype="float32").reshape(8, 3), np.eye(2, dtype="float32")[np.arange(8) % 2]
+    watch = PreemptionWatch()
+
+    class Term(tf_keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1 and not watch.signalled:  # epoch 1, step 2 of 4: SIGTERM as the signal would
+                watch._handle(signal.SIGTERM, None)
+
+    with pytest.raises(Preempted, match="backup saved at epoch 1 step 2"), watch.deferred():
+        _tiny().fit(x, y, batch_size=2, epochs=2, callbacks=[Term(), Backup(str(tmp_path), watch=watch)], verbose=0)
+    assert resume_position(str(tmp_path), 4) == (0, 2)  # Keras resumes at the next step
+    probe = ResumeProbe()
+    _tiny().fit(x, y, batch_size=2, epochs=2, callbacks=[probe, Backup(str(tmp_path))], verbose=0)
+    assert probe.start_epoch == 0 and resume_position(str(tmp_path), 4) == (2, 0)  # the end: nothing left

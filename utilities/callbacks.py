@@ -16,12 +16,15 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import tensorflow as tf
 import tf_keras
+
+from utilities.progress import Progress
 
 log = logging.getLogger(__name__)
 BACKUP_SECONDS = 300.0  # default interval between backups on one machine: at most ~5 minutes of work at risk
@@ -65,45 +68,34 @@ class ResumeProbe(tf_keras.callbacks.Callback):
 
 
 class ProgressLog(tf_keras.callbacks.Callback):
-    """One log line every `seconds` (0: every step) inside an epoch: step, loss, rate and ETA.
+    """A `Progress` line every `seconds` (0: every step) inside each epoch: step, loss, rate and ETA.
 
     Keras' verbose=2 prints once per epoch; at ISIC scale an epoch is minutes to hours of silence.
-    Plain lines (no carriage returns), so they read the same in a terminal and in Vertex AI's log.
+    For logs; a terminal gets Keras' own bar (verbose=1) instead.
     """
 
     def __init__(self, seconds: float = 30.0, what: str = "training") -> None:
         super().__init__()
-        self.seconds = seconds
-        self.what = what
-        self.epoch = 0
+        self.seconds, self.what = seconds, what
+        self.epoch, self.progress = 0, None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch, self.first, self.started = epoch, None, time.monotonic()
-        self.last = self.started
+        self.epoch, self.progress = epoch, None
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.monotonic()
-        if self.first is None:  # a resumed epoch starts past step 0
-            self.first, self.started = batch, now
-        if now - self.last < self.seconds:
-            return
-        self.last = now
-        steps, epochs = self.params.get("steps") or 0, self.params.get("epochs") or 0
-        done = batch - self.first
-        rate = done / (now - self.started) if done and now > self.started else 0.0
-        eta = f", epoch ETA {(steps - batch - 1) / rate:.0f} s" if rate and steps else ""
+        if self.progress is None:  # a resumed epoch starts past step 0
+            what = f"{self.what} epoch {self.epoch + 1}/{self.params.get('epochs')}"
+            self.progress = Progress(self.params.get("steps"), what, "step", self.seconds, initial=batch, bar=False)
         loss = (logs or {}).get("loss")
-        log.info(
-            "%s epoch %d/%d step %d/%d loss %s (%.2f steps/s%s)",
-            self.what,
-            self.epoch + 1,
-            epochs,
-            batch + 1,
-            steps,
-            f"{float(loss):.4f}" if loss is not None else "?",
-            rate,
-            eta,
-        )
+        self.progress.advance(**({} if loss is None else {"loss": float(loss)}))
+
+
+def progress_display(seconds: float = 30.0, what: str = "training") -> tuple[int, list[tf_keras.callbacks.Callback]]:
+    """(fit's `verbose`, extra callbacks): a terminal gets Keras' bar; a log one line per epoch (verbose=2)
+    plus a `ProgressLog` line every `seconds` inside it."""
+    if sys.stdout.isatty():
+        return 1, []
+    return 2, [ProgressLog(seconds, what)]
 
 
 class PreemptionWatch:

@@ -32,6 +32,7 @@ import tensorflow as tf
 from utilities import manifest as manifest_format
 from utilities import storage
 from utilities.manifest import Manifest, one_line
+from utilities.progress import Progress
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
 
 _CHUNK = 1 << 20  # bytes per read when hashing
@@ -146,6 +147,7 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
     cache = Path(cache_dir)
     local: dict[str, list[str]] = {}
     fetched = cached = 0
+    progress = Progress(sum(len(uris) for uris in manifest.splits.values()), "fetch and check", "shard")
     for split, uris in manifest.splits.items():
         local[split] = []
         for uri in uris:
@@ -158,6 +160,8 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
                 path = _fetch_local(uri, expected, split)
             _check_framing(path)  # before any TFRecordDataset reads it (count_labels, the pipeline)
             local[split].append(str(path))
+            progress.advance()
+    progress.done()
     if fetched or cached:
         log.info("remote shards: %d downloaded, %d found in the cache %s", fetched, cached, cache)
     return local

@@ -42,6 +42,7 @@ import tf_keras
 
 from utilities import data
 from utilities.config import Config, ConfigError
+from utilities.progress import Progress
 
 MAX_VIEWS = 4  # augmented views cached at most; each costs one inference pass over the train split
 PREPROCESSING_LAYERS = ("scale_0_1", "imagenet_norm")
@@ -143,9 +144,13 @@ def _view(dataset: tf.data.Dataset, view: int, seed: int, augmentation: data.Aug
     )
 
 
-def _extract(extract, dataset: tf.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _extract(extract, dataset: tf.data.Dataset, what: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    steps = int(dataset.cardinality())
+    progress = Progress(steps if steps > 0 else None, what, "batch")
     for features, labels in dataset:
         yield extract(features["image"]).numpy().astype(np.float32), features["metadata"].numpy(), labels.numpy()
+        progress.advance()
+    progress.done()
 
 
 def compute_features(
@@ -170,7 +175,8 @@ def compute_features(
     parts: list[tuple[np.ndarray, ...]] = []
     batch_size = 0
     for view in range(views):
-        batches = list(_extract(extract, _view(dataset, view, seed, augmentation)))
+        what = f"backbone features, view {view + 1}/{views}"
+        batches = list(_extract(extract, _view(dataset, view, seed, augmentation), what))
         if not batches:
             raise FeatureCacheError("cannot cache features of an empty dataset")
         batch_size = max(batch_size, max(len(b[2]) for b in batches))

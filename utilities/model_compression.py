@@ -45,7 +45,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities import evaluation, model_quantization, variant_eval
-from utilities.callbacks import NanGuard, ResumeProbe
+from utilities.callbacks import NanGuard, ResumeProbe, progress_display
 from utilities.config import CompressionConfig, Config, ConfigError
 from utilities.model import (
     BalancedAccuracy,
@@ -57,6 +57,7 @@ from utilities.model import (
     load_model,
     save_recalibrated,
 )
+from utilities.progress import Progress
 from utilities.schema import METADATA_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -250,13 +251,14 @@ class PruningStep(CompressionStep):
         ]
 
     def fit(self, ctx: Context) -> None:
+        verbose, progress = progress_display(ctx.config.train.progress_seconds, "pruning fine-tune")
         self.model.fit(
             ctx.datasets.train,
             validation_data=ctx.datasets.val,
             epochs=ctx.config.compression.prune_epochs,
             class_weight=ctx.datasets.class_weights,
-            callbacks=self.callbacks(ctx),
-            verbose=2,
+            callbacks=[*self.callbacks(ctx), *progress],
+            verbose=verbose,
         )
 
     def finalize(self, ctx: Context) -> dict[str, dict[str, Any]]:
@@ -588,7 +590,10 @@ def _fit_distiller(
                 monitor="val_balanced_accuracy", mode="max", patience=patience, restore_best_weights=True
             )
         )
-    history = distiller.fit(datasets.train, validation_data=datasets.val, epochs=epochs, callbacks=callbacks, verbose=2)
+    verbose, progress = progress_display(what="distillation")
+    history = distiller.fit(
+        datasets.train, validation_data=datasets.val, epochs=epochs, callbacks=[*callbacks, *progress], verbose=verbose
+    )
     scores = history.history.get("val_balanced_accuracy", [])
     return {
         "path": "distiller",
@@ -671,18 +676,22 @@ class ReplicaLoop:
         """Train and validate once; Keras-style logs (`loss`, `accuracy`, …, `val_…`)."""
         for metric in (*self.metrics["train"], *self.metrics["val"]):
             metric.reset_state()
-        train_loss = self._mean(train, self.train_step, epoch)
+        progress = Progress(None, f"distillation (replica loop) epoch {epoch + 1}", "step")
+        train_loss = self._mean(train, self.train_step, epoch, progress)
+        progress.done()
         val_loss = self._mean(val, lambda batch: float(self._eval(batch)), epoch)
         logs = {"loss": train_loss, **{m.name: float(m.result()) for m in self.metrics["train"]}}
         logs.update({"val_loss": val_loss, **{f"val_{m.name}": float(m.result()) for m in self.metrics["val"]}})
         return logs
 
     @staticmethod
-    def _mean(dataset, step: Callable[[Any], float], epoch: int) -> float:
+    def _mean(dataset, step: Callable[[Any], float], epoch: int, progress: Progress | None = None) -> float:
         """Mean of per-batch mean losses; stops the run at a non-finite loss, naming the step."""
         losses = []
         for index, batch in enumerate(dataset):
             losses.append(step(batch))
+            if progress is not None:
+                progress.advance(loss=losses[-1])
             if not math.isfinite(losses[-1]):
                 raise CompressionError(f"distillation loss became {losses[-1]} at epoch {epoch + 1}, step {index + 1}")
         return float(np.mean(losses)) if losses else float("nan")

@@ -17,6 +17,7 @@ Every `.tflite` takes the same inputs as the Keras model (`image` (1,S,S,3) floa
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,13 +96,16 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
 
 def export(model: tf_keras.Model, mode: str, path: Path, calibration: tf.data.Dataset | None = None) -> Path:
     """Convert and write atomically (a half-written .tflite never appears under its final name)."""
+    # One opaque call, minutes for DenseNet121 on a CPU: say so before, and how long it took after.
+    log.info("converting %s to TFLite %s (DenseNet121 on a CPU: ~1-2 min)", model.name, mode)
+    started = time.monotonic()
     flatbuffer = convert(model, mode, calibration)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tflite.tmp")
     tmp.write_bytes(flatbuffer)
     tmp.replace(path)
-    log.info("wrote %s (%s bytes)", path.name, f"{len(flatbuffer):,}")
+    log.info("wrote %s (%s bytes) in %.0f s", path.name, f"{len(flatbuffer):,}", time.monotonic() - started)
     return path
 
 
