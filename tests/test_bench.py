@@ -76,3 +76,11 @@ def test_compression_table_from_a_runs_metrics(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| model_int8 | 5 | 6 | 7.30 | 7.00 |" in table and "CompressionError: boom" in table
     assert json.loads(out.read_text())["variants"]["model"]["latency_ms"]["median"] == 60.0
+
+
+def test_whole_run_bench_refuses_epochs_that_give_no_marginal_epoch(capsys):
+    from bench import runs
+
+    assert runs.main(["--epochs", "3", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: bench.runs: --epochs SHORT LONG needs 1 <= SHORT < LONG"

@@ -57,10 +57,13 @@ class Progress:
         of = f"/{self.total}" if self.total else ""
         extra = "".join(f" {k} {v:.4f}" for k, v in values.items())
         eta = f", ETA {(self.total - self.count) / rate:.0f} s" if rate and self.total else ""
-        log.info("%s %s %d%s%s (%.2f %ss/s%s)", self.what, self.unit, self.count, of, extra, rate, self.unit, eta)
+        log.info("%s %s %d%s%s (%.2f %s/s%s)", self.what, self.unit, self.count, of, extra, rate, self.units, eta)
 
     def done(self) -> None:
         if self.bar is None and self.count > self.initial:
-            log.info(
-                "%s: %d %ss in %.1f s", self.what, self.count - self.initial, self.unit, time.monotonic() - self.started
-            )
+            seconds = time.monotonic() - self.started
+            log.info("%s: %d %s in %.1f s", self.what, self.count - self.initial, self.units, seconds)
+
+    @property
+    def units(self) -> str:
+        return self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
