@@ -1,6 +1,7 @@
 """Real scale: ISIC-sized JPEGs in, 256 px out; per-image cost and peak memory of every phase against N.
 
-    .venv/bin/python -m bench.scale                                   # N = 1k, 2k, 4k at 256 px (~15 min here)
+    .venv/bin/python -m bench.scale                                   # N = 0.5k, 1k, 2k at 256 px (~15 min here)
+    .venv/bin/python -m bench.scale --counts 1000 2000 4000           # the BENCHMARKS.md run (~35 min here)
     .venv/bin/python -m bench.scale --counts 200 400 --scale 0.1 --image-size 32   # seconds (tests)
 
 One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded); each N
@@ -78,7 +79,14 @@ def run_phase(phase: str, **kwargs: Any) -> dict[str, Any]:
     process.join()
     if "error" in result:
         raise RuntimeError(f"phase {phase}: {result['error']}")
+    print(
+        f"bench.scale: {phase} {_brief(kwargs)}: peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True
+    )
     return result
+
+
+def _brief(kwargs: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in kwargs.items() if k in ("limit", "manifest"))
 
 
 # ---------------------------------------------------------------- phases (each runs in its own process)
@@ -124,13 +132,13 @@ def _epoch_seconds(fit_epochs) -> float:
     return timer.seconds[-1]
 
 
-def phase_cache(manifest: str, image_size: int, batch_size: int) -> dict[str, Any]:
+def phase_cache(manifest: str, image_size: int, batch_size: int, shuffle_buffer: int) -> dict[str, Any]:
     """Feature-cache build over train + val, then a cached epoch (train, head only; the second of two)."""
     from bench.common import job_model
     from utilities import data, feature_cache
     from utilities.model import compile_model
 
-    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, seed=0, augment=False)
+    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, False, shuffle_buffer)
     model = job_model(image_size, fine_tune=False)
     extractor = feature_cache.feature_extractor(model)
     start = time.perf_counter()
@@ -156,14 +164,14 @@ def phase_cache(manifest: str, image_size: int, batch_size: int) -> dict[str, An
     }
 
 
-def phase_fine_tune(manifest: str, image_size: int, batch_size: int, steps: int) -> dict[str, Any]:
+def phase_fine_tune(manifest: str, image_size: int, batch_size: int, steps: int, shuffle_buffer: int) -> dict[str, Any]:
     """`steps` fine-tuning batches (the job's augmenting pipeline) after one unmeasured (tracing) batch."""
     import tf_keras
 
     from bench.common import job_model
     from utilities import data
 
-    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, seed=0, augment=True)
+    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, True, shuffle_buffer)
     model = job_model(image_size, fine_tune=True)
     ends: list[float] = []
     timer = tf_keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
@@ -245,10 +253,9 @@ def measure_n(demo: Path, root: Path, n: int, args: argparse.Namespace) -> dict[
     )
     manifest = str(out / "versioned_paths.pickle")
     labels = run_phase("labels", manifest=manifest)
-    cache = run_phase("cache", manifest=manifest, image_size=args.image_size, batch_size=args.batch_size)
-    tune = run_phase(
-        "fine_tune", manifest=manifest, image_size=args.image_size, batch_size=args.batch_size, steps=args.train_steps
-    )
+    model = dict(manifest=manifest, image_size=args.image_size, batch_size=args.batch_size)
+    cache = run_phase("cache", **model, shuffle_buffer=args.shuffle_buffer)
+    tune = run_phase("fine_tune", **model, steps=args.train_steps, shuffle_buffer=args.shuffle_buffer)
     return {
         "images": prep["images"],
         "prepare": {**prep, "images_per_s": prep["images"] / prep["seconds"]},
@@ -359,7 +366,7 @@ def _yes(flag: bool) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--counts", type=int, nargs="+", default=[1000, 2000, 4000], help="N (default: %(default)s)")
+    p.add_argument("--counts", type=int, nargs="+", default=[500, 1000, 2000], help="N (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=256, help="px of shards and model (default: %(default)s)")
     p.add_argument("--sizes", choices=("isic", "square"), default="isic", help="demo JPEG sizes (default: %(default)s)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the ISIC sizes (tests; default: %(default)s)")
@@ -367,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=4, help="measured fine-tune batches (default: %(default)s)")
     p.add_argument("--quality-images", type=int, default=8, help="images per source size in the decode table")
     p.add_argument("--workers", type=int, default=None, help="prepare threads (default: prepare's own)")
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=2048, help="records in the train shuffle buffer (default: the job's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="demo data and split seed (default: %(default)s)")
     p.add_argument("--out", type=Path, help="JSON result path (default: bench/results/scale.json)")
     return p
