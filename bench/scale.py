@@ -1,8 +1,8 @@
 """Real scale: ISIC-sized JPEGs in, 256 px out; per-image cost and peak memory of every phase against N.
 
-    .venv/bin/python -m bench.scale                                   # N = 0.5k, 1k, 2k at 256 px (~15 min here)
-    .venv/bin/python -m bench.scale --counts 1000 2000 4000           # the BENCHMARKS.md run (~35 min here)
-    .venv/bin/python -m bench.scale --counts 200 400 --scale 0.1 --image-size 32   # seconds (tests)
+    .venv/bin/python -m bench.scale                                   # N = 400, 800, 1600 at 256 px (~20 min here)
+    .venv/bin/python -m bench.scale --counts 500 1000 2000            # the BENCHMARKS.md table (25 min here)
+    .venv/bin/python -m bench.scale --counts 120 --scale 0.04 --image-size 32 --train-steps 1   # ~1 min (tests)
 
 One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded); each N
 prepares `--limit N` of it. Phases per N, each in its own spawned process so that its peak RSS
@@ -175,6 +175,8 @@ def phase_fine_tune(manifest: str, image_size: int, batch_size: int, steps: int,
     model = job_model(image_size, fine_tune=True)
     ends: list[float] = []
     timer = tf_keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    if datasets.steps_per_epoch["train"] < 2:
+        raise ValueError("fine-tune needs at least 2 train batches; use a larger N or a smaller --batch-size")
     steps = min(steps, datasets.steps_per_epoch["train"] - 1)
     model.fit(datasets.train.take(steps + 1), class_weight=datasets.class_weights, callbacks=[timer], verbose=0)
     return {"seconds": ends[-1] - ends[0], "images": steps * batch_size, "steps": steps}
@@ -366,7 +368,7 @@ def _yes(flag: bool) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--counts", type=int, nargs="+", default=[500, 1000, 2000], help="N (default: %(default)s)")
+    p.add_argument("--counts", type=int, nargs="+", default=[400, 800, 1600], help="N (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=256, help="px of shards and model (default: %(default)s)")
     p.add_argument("--sizes", choices=("isic", "square"), default="isic", help="demo JPEG sizes (default: %(default)s)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the ISIC sizes (tests; default: %(default)s)")
