@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.all                    # ~10 min on 2 shared CPU cores (`make bench`)
     .venv/bin/python -m bench.all --full             # + pruned model and every TFLite type (~+8 min)
+    .venv/bin/python -m bench.all --with-scale       # + bench.scale: ISIC-sized JPEGs at 256 px (~+25 min here)
 
 Writes `bench/results/{pipeline,training,cache,mfu,distill,compression}.json` and `all.json`
 (each ratio against its target). A benchmark that fails is recorded as an error; the others run.
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=common.RESULTS_DIR, help="folder for the JSON files")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="a subset")
     parser.add_argument("--full", action="store_true", help="the benchmarks' own (longer) defaults")
+    parser.add_argument("--with-scale", action="store_true", help="also bench.scale (own data, 256 px; ~25 min here)")
     return parser
 
 
@@ -74,6 +76,11 @@ def run_all(args: argparse.Namespace, shared: common.BenchData) -> tuple[dict[st
         except Exception as err:  # one broken benchmark must not hide the others' numbers
             errors[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
             log.error("bench.%s failed: %s", name, errors[name])
+    if args.with_scale:  # its own ISIC-sized data and settings: not the shared demo set
+        from bench import scale
+
+        if scale.main(["--out", str(args.results / "scale.json")]) != 0:
+            errors["scale"] = "bench.scale failed (its error is above)"
     return payloads, errors
 
 

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from bench import all as bench_all
-from bench import common, compression, pipeline
+from bench import common, compression, pipeline, scale
+from tools.demo_data import IMAGE_DIR, write_demo
 
 
 @pytest.mark.slow
@@ -84,3 +85,38 @@ def test_whole_run_bench_refuses_epochs_that_give_no_marginal_epoch(capsys):
     assert runs.main(["--epochs", "3", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: bench.runs: --epochs SHORT LONG needs 1 <= SHORT < LONG"
+
+
+def test_fast_decode_stays_close_to_full_decode_and_area_resize(tmp_path):
+    demo = write_demo(tmp_path / "isic", images=100, seed=1, sizes="isic", scale=0.2)  # 120×90 … 800×600
+    quality = scale.decode_quality(demo / IMAGE_DIR, size=32, per_size=3)
+    assert set(quality) == {"120x90", "205x154", "205x205", "800x600"}
+    for numbers in quality.values():
+        assert numbers["psnr_db"] > 30 and numbers["mad"] < 5, numbers
+    image = next((demo / IMAGE_DIR).glob("*.jpg"))
+    assert scale.mad_psnr(scale.full_decode(image, 32), scale.full_decode(image, 32)) == (0.0, float("inf"))
+
+
+def test_flatness_is_within_15_percent_of_the_median():
+    def row(seconds, images, rss):
+        return {p: {"seconds": seconds, "images": images, "peak_rss_mb": rss} for p in scale.PHASE_NAMES}
+
+    flat = scale.flatness({1000: row(1.0, 1000, 700.0), 2000: row(2.1, 2000, 720.0), 4000: row(4.0, 4000, 900.0)})
+    assert flat["prepare"]["ms_per_image"] == [1.0, 1.05, 1.0]
+    assert flat["prepare"]["cost_flat"] and not flat["prepare"]["rss_flat"]
+
+
+@pytest.mark.slow
+def test_scale_bench_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    argv = ["--counts", "120", "--scale", "0.04", "--image-size", "32", "--batch-size", "8", "--train-steps", "1"]
+    assert scale.main([*argv, "--quality-images", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "demo", "decode", "counts", "flat", "seconds"} <= set(result)
+    phases = result["counts"]["120"]
+    assert set(phases) == {"images", *scale.PHASE_NAMES}
+    for name in scale.PHASE_NAMES:
+        assert phases[name]["seconds"] > 0 and phases[name]["peak_rss_mb"] > 0, name
+    assert phases["prepare"]["shard_bytes"] > 120 * 32 * 32 * 3
+    assert set(result["flat"]) == set(scale.PHASE_NAMES)
+    assert "Scale: ISIC-sized JPEGs" in capsys.readouterr().out

@@ -164,3 +164,34 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert demo_data.main(["--out", str(tmp_path / "d"), "--images", "100", "--size", "16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and err.count("\n") == 1
+
+
+def test_isic_sizes_give_the_isic_mix_of_jpeg_sizes_and_the_same_bytes_in_worker_processes(tmp_path: Path) -> None:
+    scale = 0.05  # 600×450 → 30×22: the mix of ISIC 2019 sizes in miniature
+    one = write_demo(tmp_path / "one", images=200, seed=2, sizes="isic", scale=scale)
+    two = write_demo(tmp_path / "two", images=200, seed=2, sizes="isic", scale=scale, workers=2)
+    images = sorted((one / IMAGE_DIR).glob("*.jpg"))
+    assert len(images) == 200
+    assert all(p.read_bytes() == (two / IMAGE_DIR / p.name).read_bytes() for p in images)
+    found = Counter()
+    for path in images:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            found[image.size] += 1
+    expected = {(round(w * scale), round(h * scale)): share for w, h, share in demo_data.ISIC_SIZES}
+    assert set(found) == set(expected)
+    for size, share in expected.items():
+        assert abs(found[size] / 200 - share) < 0.08, (size, found[size])
+    width, height = demo_data.isic_dims(2, 7)
+    assert demo_data.isic_dims(2, 7, scale) == (round(width * scale), round(height * scale))  # same pick at any scale
+
+
+def test_isic_sizes_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DemoDataError, match=r"--scale 0 must be in"):
+        write_demo(tmp_path / "x", sizes="isic", scale=0)
+    with pytest.raises(DemoDataError, match=r"--sizes 'huge' is not one of square, isic"):
+        write_demo(tmp_path / "x", sizes="huge")
+    argv = ["--out", str(tmp_path / "d"), "--images", "100", "--sizes", "isic", "--scale", "0.04", "--workers", "2"]
+    assert demo_data.main(argv) == 0
+    with Image.open(tmp_path / "d" / IMAGE_DIR / "ISIC_0000000.jpg") as image:
+        assert image.size in {(round(w * 0.04), round(h * 0.04)) for w, h, _ in demo_data.ISIC_SIZES}

@@ -1,6 +1,7 @@
 """Synthetic skin-lesion data in the ISIC 2019 layout, for demos and tests.
 
     python -m tools.demo_data --out demo/isic --images 640 --seed 0 --size 96
+    python -m tools.demo_data --out demo/isic-big --images 4000 --sizes isic     # ISIC-like JPEG sizes
 
 writes
     DIR/ISIC_2019_Training_Input/ISIC_0000000.jpg …   (as the official zip unpacks)
@@ -13,6 +14,12 @@ away. Age, site and sex depend on the class; counts follow ISIC 2019's imbalance
 class so that every class has enough lesions for train/val/test even at 200 images; a few rows
 are UNK; some metadata is missing; lesions have 1–4 images and some rows have no lesion_id.
 The same seed gives byte-identical files. The folder is built next to DIR and renamed into place.
+
+`--sizes isic` writes ISIC 2019's mix of sizes instead of --size px squares (`ISIC_SIZES`: mostly
+600×450 and 1024×1024, some 1024×768, a few 4000×3000) so that prepare and the benchmarks pay
+realistic decode costs. The lesion is drawn at ≤ DRAW_SIZE px and upscaled, plus full-size grain
+(otherwise a big JPEG would be mostly flat blocks, far cheaper to decode than a photo);
+`--scale 0.05` shrinks every size (for tests). `--workers` spreads the images over processes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +67,18 @@ MEAN_IMAGES_PER_LESION = 1.6
 MIN_IMAGES = 100
 MIN_SIZE = 16
 JPEG_QUALITY = 92
+# ISIC 2019's image sizes (width, height, share of images): HAM10000's 600×450, BCN_20000's 1024×1024,
+# 1024×768 from other sources, and a few full-resolution camera images (ISIC has up to 6000×4000).
+ISIC_SIZES: tuple[tuple[int, int, float], ...] = (
+    (600, 450, 0.45),
+    (1024, 768, 0.15),
+    (1024, 1024, 0.35),
+    (4000, 3000, 0.05),
+)
+DRAW_SIZE = 128  # --sizes isic draws the lesion at ≤ this px and upscales it: drawing at full size takes seconds
+GRAIN = 5  # ± pixel levels of full-size grain on --sizes isic images
+SIZES = ("square", "isic")  # --sizes choices
+GRAIN_TILE = 256  # grain is one random tile repeated: full-size random numbers cost more than the JPEG
 
 
 class DemoDataError(ValueError):
@@ -296,6 +316,47 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def isic_dims(seed: int, index: int, scale: float = 1.0) -> tuple[int, int]:
+    """(width, height) of image `index` under --sizes isic: drawn from ISIC_SIZES by (seed, index) alone."""
+    shares = np.asarray([share for _, _, share in ISIC_SIZES])
+    pick = int(np.random.default_rng([seed, index, 1]).choice(len(ISIC_SIZES), p=shares / shares.sum()))
+    width, height, _ = ISIC_SIZES[pick]
+    return max(MIN_SIZE, round(width * scale)), max(MIN_SIZE, round(height * scale))
+
+
+def draw_sized(label: str, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A width×height lesion image, uint8 [height, width, 3]: drawn small, upscaled, then full-size grain."""
+    small = draw(label, min(DRAW_SIZE, width, height), rng)
+    big = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    tile = rng.integers(-GRAIN, GRAIN + 1, (GRAIN_TILE, GRAIN_TILE, 3), dtype=np.int16)
+    reps = (math.ceil(height / GRAIN_TILE), math.ceil(width / GRAIN_TILE), 1)
+    big += np.tile(tile, reps)[:height, :width]
+    return np.clip(big, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything one image depends on, so images can be drawn in any process in any order."""
+
+    path: Path
+    label: str
+    seed: int
+    index: int
+    size: int  # px of the square image; ignored when isic
+    isic: bool
+    scale: float
+
+
+def write_image(job: ImageJob) -> None:
+    # One generator per image, derived from (seed, index): the look never depends on the other rows.
+    rng = np.random.default_rng([job.seed, job.index])
+    if job.isic:
+        pixels = draw_sized(job.label, *isic_dims(job.seed, job.index, job.scale), rng)
+    else:
+        pixels = draw(job.label, job.size, rng)
+    job.path.write_bytes(_jpeg(pixels))
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -322,11 +383,43 @@ def _check_out(out: Path) -> None:
         raise DemoDataError(f"--out {out} already exists and is not an empty folder; remove it or choose another")
 
 
-def write_demo(out: Path, images: int = 640, seed: int = 0, size: int = 96) -> Path:
-    """Write the demo folder at `out` (must be new or empty) and return it."""
-    out = Path(out)
+def _check_arguments(size: int, sizes: str, scale: float, workers: int) -> None:
     if size < MIN_SIZE:
         raise DemoDataError(f"--size {size} is too small; use at least {MIN_SIZE} px")
+    if sizes not in SIZES:
+        raise DemoDataError(f"--sizes {sizes!r} is not one of {', '.join(SIZES)}")
+    if not 0 < scale <= 1:
+        raise DemoDataError(f"--scale {scale} must be in (0, 1]")
+    if workers < 1:
+        raise DemoDataError("--workers must be at least 1")
+
+
+def _write_images(folder: Path, rows: list[Row], jobs: dict, workers: int) -> None:
+    todo = [ImageJob(folder / f"ISIC_{i:07d}.jpg", row.label, index=i, **jobs) for i, row in enumerate(rows)]
+    if workers == 1:
+        for job in todo:
+            write_image(job)
+        return
+    with ProcessPoolExecutor(workers) as pool:  # images are independent: the same bytes in any process
+        for _ in pool.map(write_image, todo, chunksize=16):
+            pass
+
+
+def write_demo(
+    out: Path,
+    images: int = 640,
+    seed: int = 0,
+    size: int = 96,
+    sizes: str = "square",
+    scale: float = 1.0,
+    workers: int = 1,
+) -> Path:
+    """Write the demo folder at `out` (must be new or empty) and return it.
+
+    sizes="square": size×size JPEGs. sizes="isic": ISIC_SIZES scaled by `scale` (see the module docstring).
+    """
+    out = Path(out)
+    _check_arguments(size, sizes, scale, workers)
     _check_out(out)
     rng = np.random.default_rng(seed)
     rows = make_rows(images, rng)
@@ -334,10 +427,8 @@ def write_demo(out: Path, images: int = 640, seed: int = 0, size: int = 96) -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (staging / IMAGE_DIR).mkdir()
-        for i, row in enumerate(rows):
-            # One generator per image, derived from (seed, index): the look never depends on the other rows.
-            pixels = draw(row.label, size, np.random.default_rng([seed, i]))
-            (staging / IMAGE_DIR / f"ISIC_{i:07d}.jpg").write_bytes(_jpeg(pixels))
+        jobs = dict(seed=seed, size=size, isic=sizes == "isic", scale=scale)
+        _write_images(staging / IMAGE_DIR, rows, jobs, workers)
         truth, meta = _csv_rows(rows)
         (staging / GROUND_TRUTH_CSV).write_text(_csv_text(GROUND_TRUTH_COLUMNS, truth))
         (staging / METADATA_CSV).write_text(_csv_text(METADATA_COLUMNS, meta))
@@ -356,9 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--size", type=int, default=96, help="side of the square JPEGs in px (default: %(default)s)")
+    parser.add_argument(
+        "--sizes", choices=SIZES, default="square", help="square: --size px; isic: ISIC 2019's mix of JPEG sizes"
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="--sizes isic: shrink every size by this factor")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing images (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        out = write_demo(args.out, images=args.images, seed=args.seed, size=args.size)
+        out = write_demo(args.out, args.images, args.seed, args.size, args.sizes, args.scale, args.workers)
     except (DemoDataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
