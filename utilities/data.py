@@ -452,7 +452,9 @@ def count_labels(paths: list[str]) -> np.ndarray:
     """Examples per class in these shards, int64 [8]; reads only the label feature."""
     if not paths:
         return np.zeros(NUM_CLASSES, np.int64)
-    labels = tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), 8)).batch(1024)
+    # 64 records a batch: at 256 px a record is ~197 KB, so 1,024 held 200 MB only to read 8 integers
+    # each (bench.scale: +200 MB peak RSS vs +29 MB, same 1.6 s over 2,000 images).
+    labels = tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), 8)).batch(64)
     labels = labels.map(lambda s: tf.io.parse_example(s, _LABEL_ONLY)["label"], num_parallel_calls=AUTOTUNE)
     total = np.zeros(NUM_CLASSES, np.int64)
     try:
