@@ -141,9 +141,9 @@ class Backup(tf_keras.callbacks.BackupAndRestore):
     (0: off), at the last step of each epoch, and at once when `watch` saw SIGTERM (then raises Preempted).
 
     Keras resumes a mid-epoch backup at the next step (`resume_position`); the data pipeline must then
-    start at that very batch (`Datasets.train_from`). On success the final state is saved as "epoch
-    `epochs`, step 0" (after EarlyStopping restored its best weights, when this callback comes last),
-    so a rerun of a run that trained to the end restores those weights and trains no further step.
+    start at that very batch (`Datasets.train_from`). On success the final state is saved as "last step
+    of the last epoch done" (after EarlyStopping restored its best weights, when this callback comes
+    last), so a rerun of a run that trained to the end restores those weights and trains no further step.
     With several workers the save is collective: `every_seconds` must be 0 (steps agree, clocks do not).
     """
 
@@ -152,7 +152,6 @@ class Backup(tf_keras.callbacks.BackupAndRestore):
     ) -> None:
         super().__init__(backup_dir, save_freq=1, delete_checkpoint=False)
         self.every_steps, self.every_seconds, self.watch = every_steps, every_seconds, watch
-        self.saved = 0
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -168,7 +167,7 @@ class Backup(tf_keras.callbacks.BackupAndRestore):
             or (self.every_seconds and time.monotonic() - self._clock >= self.every_seconds)
         ):
             self._backup(epoch=self._current_epoch, batch=batch)
-            self._since, self._clock, self.saved = 0, time.monotonic(), self.saved + 1
+            self._since, self._clock = 0, time.monotonic()
         if preempted:
             raise Preempted(f"backup saved at epoch {self._current_epoch + 1} step {batch + 1}")
 
