@@ -138,7 +138,8 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     code, text = start_and_interrupt(args, tmp_path / "term.log", "epoch 1/2 step 5/11", signal.SIGTERM)
     assert code == 75 and "preempted (SIGTERM)" in text and "rerun with --run-id r" in text, text[-2000:]
     stopped = last_step(text, 1)
-    # SIGKILL mid-epoch (no warning at all): at most --checkpoint-every - 1 steps are lost.
+    # SIGKILL mid-epoch (no warning at all): at most --checkpoint-every steps are lost (N - 1 between
+    # backups, N when the kill lands while the logged step's backup is being written).
     code, text = start_and_interrupt(args, tmp_path / "kill.log", "epoch 2/2 step 5/11", signal.SIGKILL)
     assert code == -signal.SIGKILL
     resumed = int(re.search(r"resuming from the backup at epoch 1 step (\d+)", text).group(1))
@@ -153,7 +154,7 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
 
     redone_after_term, redone_after_kill = stopped + 1 - resumed, killed + 1 - resumed_after_kill
     print(f"steps redone: after SIGTERM {redone_after_term}, after SIGKILL {redone_after_kill}")
-    assert redone_after_term == 0 and 0 <= redone_after_kill <= 2
+    assert redone_after_term == 0 and 0 <= redone_after_kill <= 3
     check = (
         "import numpy as np, utilities.model as m\n"
         f"a, b = (m.load_model(p).get_weights() for p in ({str(out / 'ref/r/model')!r}, {str(out / 'pre/r/model')!r}))\n"
