@@ -34,6 +34,7 @@ from utilities.config import (
     TrackingConfig,
     TrainConfig,
 )
+from utilities.errors import JobError, one_line
 
 log = logging.getLogger("dermaid")
 PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run resumes
@@ -351,9 +352,6 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     try:
         result = training.run(config)
-    except training.INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"error: interrupted; rerun with --run-id {config.output.run_id} to resume", file=sys.stderr)
         return 130
@@ -363,9 +361,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         )
         return PREEMPTED
     except Exception as exc:
+        if isinstance(exc, JobError) and exc.exit_code == 2:  # bad input: the message says what to fix
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         log.debug("run failed", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: run failed: {type(exc).__name__}: {first} (use -v for the traceback)", file=sys.stderr)
+        print(f"error: run failed: {type(exc).__name__}: {one_line(exc)} (use -v for the traceback)", file=sys.stderr)
         return 1
     print_summary(result)
     return 0

@@ -42,9 +42,9 @@ from utilities.callbacks import (
     progress_display,
     resume_position,
 )
-from utilities.config import Config, ConfigError
+from utilities.config import Config
+from utilities.errors import JobError
 from utilities.model import (
-    ModelError,
     build_model,
     compile_model,
     fusion_weights,
@@ -56,18 +56,9 @@ from utilities.model import (
 log = logging.getLogger(__name__)
 
 
-class RunError(RuntimeError):
+class RunError(JobError, RuntimeError):
     """A run that cannot start or continue as asked; the message is one line."""
 
-
-INPUT_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    RunError,
-    data.DataError,
-    storage.StorageError,
-    distribution.DeviceError,
-    ModelError,
-)
 
 _PACKAGES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "numpy", "wandb", "dvc", "ai-edge-litert")
 
@@ -504,4 +495,4 @@ def _rounded(weights: dict[int, float]) -> dict[int, float]:
     return {k: round(v, 3) for k, v in weights.items()}
 
 
-__all__ = ["INPUT_ERRORS", "Preempted", "RunError", "run"]
+__all__ = ["Preempted", "RunError", "run"]

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from utilities.errors import JobError
 from utilities.schema import CLASS_NAMES, SITES
 
 IMAGE_DIR = "ISIC_2019_Training_Input"
@@ -81,7 +82,7 @@ SIZES = ("square", "isic")  # --sizes choices
 GRAIN_TILE = 256  # grain is one random tile repeated: full-size random numbers cost more than the JPEG
 
 
-class DemoDataError(ValueError):
+class DemoDataError(JobError, ValueError):
     """Bad arguments or output folder; the message is one line."""
 
 

@@ -42,6 +42,7 @@ from PIL import Image
 
 from tools.demo_data import GROUND_TRUTH_COLUMNS, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_COLUMNS, METADATA_CSV
 from utilities import storage
+from utilities.errors import JobError, one_line
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
 
 MANIFEST_NAME = "versioned_paths.pickle"
@@ -51,7 +52,7 @@ _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # no separators: an id ca
 _MIN_GROUPS = len(SPLITS)  # a class needs one lesion per split
 
 
-class PrepareError(ValueError):
+class PrepareError(JobError, ValueError):
     """Bad input or arguments; the message is one line naming the file, line or class."""
 
 
@@ -65,10 +66,6 @@ class Record:
 
 
 # ---------------------------------------------------------------- reading and validating the CSVs
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _read_csv(path: Path, expected: Sequence[str], optional: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
@@ -289,7 +286,7 @@ def load_image(path: Path, size: int) -> bytes:
             image.draft("RGB", (size, size))
             rgb = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PrepareError(f"image {path} cannot be read: {_one_line(err)}") from None
+        raise PrepareError(f"image {path} cannot be read: {one_line(err)}") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).tobytes()
@@ -561,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         manifest = execute(todo, args.workers)
     except (PrepareError, storage.StorageError, OSError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(_summary(manifest, args.out, time.perf_counter() - started))
     return 0

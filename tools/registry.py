@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from utilities.errors import JobError
 from utilities.manifest import Manifest, ManifestError, read_file, summary_lines
 from utilities.manifest import parse as parse_manifest
 
@@ -45,7 +46,7 @@ _ERROR_LINE_RE = re.compile(r"^(fatal|error|ERROR):")
 _NOISE = ("Could not determine bucket type", "Having any troubles?")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(JobError, RuntimeError):
     """Publishing failed; the message is one line and never holds a credential."""
 
 

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from utilities.errors import JobError
+
 DEFAULT_MACHINE_TYPE = "n1-standard-8"
 DEFAULT_ACCELERATOR = "NVIDIA_TESLA_T4"
 
@@ -42,7 +44,7 @@ _SECRET_REF = re.compile(r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}(/versi
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]")
 
 
-class SpecError(ValueError):
+class SpecError(JobError, ValueError):
     """An argument that cannot make a valid job; the message is one line for the user."""
 
 

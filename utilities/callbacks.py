@@ -24,13 +24,14 @@ from collections.abc import Iterator
 import tensorflow as tf
 import tf_keras
 
+from utilities.errors import RunFailure
 from utilities.progress import Progress
 
 log = logging.getLogger(__name__)
 BACKUP_SECONDS = 300.0  # default interval between backups on one machine: at most ~5 minutes of work at risk
 
 
-class NanLossError(RuntimeError):
+class NanLossError(RunFailure, RuntimeError):
     """The loss became NaN or infinite; the message names what was training, the epoch and the step."""
 
 

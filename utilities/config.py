@@ -13,13 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from utilities.errors import JobError
 from utilities.schema import DEFAULT_IMAGE_SIZE
 
 QUANTIZE_MODES = ("dynamic", "float16", "int8")
 MIN_IMAGE_SIZE = 32  # DenseNet121 without top rejects smaller inputs
 
 
-class ConfigError(ValueError):
+class ConfigError(JobError, ValueError):
     """A configuration value that makes no sense; the message is one line meant for the user."""
 
 

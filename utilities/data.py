@@ -31,7 +31,8 @@ import tensorflow as tf
 
 from utilities import manifest as manifest_format
 from utilities import storage
-from utilities.manifest import Manifest, one_line
+from utilities.errors import JobError, one_line
+from utilities.manifest import Manifest
 from utilities.progress import Progress
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, METADATA_SIZE, NUM_CLASSES, SPLITS
 
@@ -49,7 +50,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(JobError, ValueError):
     """Bad manifest, shard or data argument; the message is one line naming the file."""
 
 

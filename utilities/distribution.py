@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from utilities.errors import JobError
+
 log = logging.getLogger(__name__)
 
 
-class DeviceError(ValueError):
+class DeviceError(JobError, ValueError):
     """The requested devices do not exist here; the message is one line."""
 
 

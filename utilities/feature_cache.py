@@ -42,6 +42,7 @@ import tf_keras
 
 from utilities import data
 from utilities.config import Config, ConfigError
+from utilities.errors import JobError
 from utilities.progress import Progress
 
 MAX_VIEWS = 4  # augmented views cached at most; each costs one inference pass over the train split
@@ -50,7 +51,7 @@ BACKBONE_LAYER = "densenet121"
 HEAD_LAYERS = ("image_dropout", "image_logits", "metadata_dense", "metadata_dropout", "metadata_logits", "fusion")
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(JobError, ValueError):
     """A model or dataset the cache cannot handle; the message is one line."""
 
 

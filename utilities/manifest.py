@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utilities.errors import JobError, one_line
 from utilities.schema import CLASS_NAMES, METADATA_SIZE, SPLITS
 
 MAX_BYTES = 4 * 1024 * 1024
@@ -70,7 +71,7 @@ _SCALARS = (str, int, float, bool, type(None))
 _PLAIN = "a manifest holds only dicts, lists, strings, numbers, booleans and None"
 
 
-class ManifestError(ValueError):
+class ManifestError(JobError, ValueError):
     """A manifest that cannot be used; the message is one line naming the manifest."""
 
 
@@ -120,12 +121,6 @@ def summary_lines(manifest: Manifest) -> list[str]:
         images = _images_in(counts.get(split))
         lines.append(text if images is None else f"{text}, {images} images")
     return lines
-
-
-def one_line(text: object, limit: int = 300) -> str:
-    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------- the opcode stream

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tf_keras
 
 from utilities.config import ModelConfig
+from utilities.errors import JobError, one_line
 from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES
 
 # ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
@@ -28,7 +29,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelError(ValueError):
+class ModelError(JobError, ValueError):
     """A model that cannot be built or loaded; the message is one line."""
 
 
@@ -113,8 +114,7 @@ def build_backbone(weights: str, image_size: int) -> tf_keras.Model:
             include_top=False, weights=source, input_shape=(image_size, image_size, 3), pooling="avg"
         )
     except Exception as exc:  # download failure, wrong file, wrong shapes
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load DenseNet121 weights {weights!r}: {first_line}") from exc
+        raise ModelError(f"cannot load DenseNet121 weights {weights!r}: {one_line(exc)}") from exc
 
 
 def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
@@ -285,7 +285,7 @@ def load_model(path: str | Path) -> tf_keras.Model:
     try:
         return tf_keras.models.load_model(str(path))
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"cannot load model {path}: {str(exc).strip().splitlines()[0]}") from exc
+        raise ModelError(f"cannot load model {path}: {one_line(exc)}") from exc
 
 
 __all__ = [

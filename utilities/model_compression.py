@@ -47,6 +47,7 @@ import tf_keras
 from utilities import evaluation, model_quantization, variant_eval
 from utilities.callbacks import NanGuard, ResumeProbe, progress_display
 from utilities.config import CompressionConfig, Config, ConfigError
+from utilities.errors import RunFailure, one_line
 from utilities.model import (
     BalancedAccuracy,
     FusionLayer,
@@ -75,7 +76,7 @@ STUDENT_BN_MOMENTUM = 0.9
 _PROB_FLOOR = 1e-7  # probabilities are clipped here before log() so log(0) never appears
 
 
-class CompressionError(RuntimeError):
+class CompressionError(RunFailure, RuntimeError):
     """A compression step that cannot run as asked; the message is one line."""
 
 
@@ -108,7 +109,7 @@ def load_teacher(path: str, image_size: int) -> tf_keras.Model:
     except ModelError:
         raise
     except Exception as exc:  # a corrupt file raises zipfile/h5py/protobuf errors, not just OSError
-        raise ModelError(f"cannot load --teacher {path}: {model_quantization.first_line(exc)}") from exc
+        raise ModelError(f"cannot load --teacher {path}: {one_line(exc)}") from exc
     shapes = {tensor.name.split(":")[0]: tuple(tensor.shape[1:]) for tensor in teacher.inputs}
     expected = {"image": (image_size, image_size, 3), "metadata": (METADATA_SIZE,)}
     if shapes != expected or tuple(teacher.output_shape[1:]) != (NUM_CLASSES,):
@@ -198,7 +199,7 @@ def guarded(name: str, produce: Callable[[], dict[str, dict[str, Any]]]) -> dict
     try:
         return produce()
     except Exception as exc:
-        message = f"{type(exc).__name__}: {model_quantization.first_line(exc)}"
+        message = f"{type(exc).__name__}: {one_line(exc)}"
         log.error("variant %s failed: %s", name, message)
         log.debug("variant %s traceback", name, exc_info=True)
         return {name: {"error": message}}

@@ -28,6 +28,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities.config import QUANTIZE_MODES
+from utilities.errors import RunFailure, one_line
 from utilities.model import float32_copy
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ MODES: tuple[str, ...] = ("float32", *QUANTIZE_MODES)
 CALIBRATION_EXAMPLES = 100  # representative examples for int8 activation ranges
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(RunFailure, RuntimeError):
     """A model that cannot be converted or run as TFLite; the message is one line."""
 
 
@@ -91,7 +92,7 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError, RuntimeError, …
-        raise QuantizationError(f"TFLite {mode} conversion of {model.name!r} failed: {first_line(exc)}") from exc
+        raise QuantizationError(f"TFLite {mode} conversion of {model.name!r} failed: {one_line(exc)}") from exc
 
 
 def export(model: tf_keras.Model, mode: str, path: Path, calibration: tf.data.Dataset | None = None) -> Path:
@@ -116,7 +117,7 @@ def signature_runner(path: Path) -> Any:
     try:
         return Interpreter(model_path=str(path)).get_signature_runner()
     except (ValueError, RuntimeError) as exc:
-        raise QuantizationError(f"cannot load TFLite model {path}: {first_line(exc)}") from exc
+        raise QuantizationError(f"cannot load TFLite model {path}: {one_line(exc)}") from exc
 
 
 def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
@@ -137,12 +138,6 @@ def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
         return np.concatenate(rows, axis=0)  # (B, 8)
 
     return predict
-
-
-def first_line(exc: BaseException) -> str:
-    """First line of an exception's message (or its type name): error messages stay one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

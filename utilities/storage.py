@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
+from utilities.errors import JobError, one_line
+
 if TYPE_CHECKING:  # google-cloud-storage costs ~0.5 s to import; local-only users never pay it
     from google.cloud.storage import Blob, Client
 
@@ -49,7 +51,7 @@ _TMP_MARK = ".tmp-"  # in the names of our in-flight temp files; list_uris skips
 _CHUNK = 1 << 20  # bytes read per step when hashing files
 
 
-class StorageError(RuntimeError):
+class StorageError(JobError, RuntimeError):
     """A storage operation failed; the message is one line, names the URI, and holds no secret."""
 
 
@@ -115,11 +117,6 @@ def _local_path(uri: str | os.PathLike[str]) -> Path:
 
 def _redact(text: str) -> str:
     return _USERINFO_RE.sub("***@", text)
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(_redact(str(text)).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,7 +300,7 @@ def _local_io(op: str, uri: str, fn: Callable[[], T]) -> T:
     except FileNotFoundError as exc:
         raise StorageError(f"cannot {op} {uri}: no such file or folder") from exc
     except OSError as exc:
-        raise StorageError(f"cannot {op} {uri}: {exc.strerror or _one_line(exc)}") from exc
+        raise StorageError(f"cannot {op} {uri}: {exc.strerror or one_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,10 +413,10 @@ def _what_is_missing(uri: str) -> str:
 def _describe(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if isinstance(code, int):  # api_core errors: keep the status and the service's reason, not the URL/body dump
-        return _one_line(f"HTTP {code} {_service_reason(exc)}", 200)
+        return one_line(f"HTTP {code} {_service_reason(exc)}", 200)
     if isinstance(exc, _ChecksumMismatch):
         return f"upload verification failed: {exc}"
-    return _one_line(f"{type(exc).__name__}: {exc}", 200)
+    return one_line(f"{type(exc).__name__}: {exc}", 200)
 
 
 def _service_reason(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import tf_keras
 
 from utilities.config import TrackingConfig
+from utilities.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -215,11 +216,6 @@ def _tag_alias(data_tag: str | None) -> list[str]:
     return [_artifact_name(data_tag)] if data_tag else []
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def start_tracking(
     config: TrackingConfig, run_name: str, run_id: str, config_dict: dict[str, Any], is_chief: bool = True
 ) -> Tracker:
@@ -245,7 +241,7 @@ def start_tracking(
             config=sanitize(config_dict),
         )
     except Exception as exc:  # wandb raises its own errors (CommError, UsageError, ...)
-        logger.warning("W&B init failed, continuing without tracking: %s", _first_line(exc))
+        logger.warning("W&B init failed, continuing without tracking: %s", one_line(exc))
         return NullTracker()
     tracker = WandbTracker(run)
     if config.mode == "offline":
