@@ -24,6 +24,8 @@ import tensorflow as tf
 
 from bench import common
 from utilities import data
+from utilities.augmentation import augment_images
+from utilities.records import parse_example
 
 MARGIN_TARGET = 10.0
 MIN_SIDE_SECONDS = 1.0  # a fast pipeline side repeats whole epochs until at least this long
@@ -33,12 +35,12 @@ MODEL_STEPS = 3  # train_on_batch calls per measured round
 def naive_dataset(paths: list[str], image_size: int, batch_size: int, seed: int) -> tf.data.Dataset:
     """The pipeline shape of the original DermAID: per-example work, maps without num_parallel_calls."""
     records = tf.data.TFRecordDataset(paths)  # one file after another
-    parsed = records.map(lambda s: data.parse_example(s, image_size))  # no num_parallel_calls
+    parsed = records.map(lambda s: parse_example(s, image_size))  # no num_parallel_calls
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
     def augment_one(example: tuple[dict[str, tf.Tensor], tf.Tensor], pair: tf.Tensor):
         features, label = example
-        image = data.augment_images(features["image"][tf.newaxis], pair)[0]  # same ops, batch of 1
+        image = augment_images(features["image"][tf.newaxis], pair)[0]  # same ops, batch of 1
         return {**features, "image": image}, label
 
     augmented = tf.data.Dataset.zip((parsed, seeds)).map(augment_one)  # per example, before batching

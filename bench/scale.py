@@ -7,7 +7,7 @@
 One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded); each N
 prepares `--limit N` of it. Phases per N, each in its own spawned process so that its peak RSS
 (VmHWM from /proc/self/status, reset between the two halves of the cache phase) is measured, not
-estimated: prepare (JPEG → shards), label pass (`utilities.data.count_labels` over every shard),
+estimated: prepare (JPEG → shards), label pass (`utilities.records.count_labels` over every shard),
 feature-cache build (frozen DenseNet121, train + val) and one cached epoch (head only), fine-tune
 training (`--train-steps` batches after one unmeasured batch, augmentation on, random weights).
 Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
@@ -116,11 +116,11 @@ def _shards(manifest: str) -> dict[str, list[str]]:
 
 
 def phase_labels(manifest: str) -> dict[str, Any]:
-    from utilities import data
+    from utilities.records import count_labels
 
     shards = _shards(manifest)
     start = time.perf_counter()
-    counts = {split: int(data.count_labels(paths).sum()) for split, paths in shards.items()}
+    counts = {split: int(count_labels(paths).sum()) for split, paths in shards.items()}
     return {"seconds": time.perf_counter() - start, "images": sum(counts.values())}
 
 

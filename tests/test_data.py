@@ -19,18 +19,11 @@ from PIL import Image
 from tests.fixtures.data import Prepared
 from tools.demo_data import IMAGE_DIR, METADATA_CSV
 from utilities import data
-from utilities.data import (
-    Augmentation,
-    DataError,
-    augment_images,
-    build_datasets,
-    fetch_shards,
-    file_sha256,
-    load_manifest,
-    parse_example,
-    verify_shard,
-)
+from utilities.augmentation import Augmentation, augment_images
+from utilities.data import DataError, build_datasets, fetch_shards, load_manifest
+from utilities.records import parse_batches, parse_example, shards_are_raw
 from utilities.schema import CLASS_NAMES, SPLITS, encode_metadata, one_hot
+from utilities.shards import file_sha256, verify_shard
 
 
 def _example(image: bytes, metadata: list[int], label: list[int]) -> bytes:
@@ -280,10 +273,10 @@ def test_train_order_changes_every_epoch_and_val_order_is_stable(prepared: Prepa
 
 def test_raw_shards_are_parsed_by_the_batch_and_give_the_example_by_example_result(prepared: Prepared) -> None:
     paths = list(prepared.manifest["val"])
-    assert data.shards_are_raw(paths, 32) and not data.shards_are_raw(paths, 16)  # 16: must resize
+    assert shards_are_raw(paths, 32) and not shards_are_raw(paths, 16)  # 16: must resize
     records = tf.data.TFRecordDataset(paths)
-    batched = list(data.parse_batches(records, 32, 16, raw=True))
-    one_by_one = list(data.parse_batches(records, 32, 16, raw=False))
+    batched = list(parse_batches(records, 32, 16, raw=True))
+    one_by_one = list(parse_batches(records, 32, 16, raw=False))
     assert len(batched) == len(one_by_one) == math.ceil(len(_records(paths)) / 16)
     for (features, labels), (expected, expected_labels) in zip(batched, one_by_one, strict=True):
         for key in ("image", "metadata"):
@@ -302,7 +295,7 @@ def test_splits_with_other_images_are_read_one_by_one_and_a_mixed_raw_shard_fail
     raw = _records(prepared.manifest["train"])[:5]
     raw_shard = _write_shard(tmp_path / "raw.tfrecords", raw)
     other_shard = _write_shard(tmp_path / "other.tfrecords", [other, other])
-    assert data.shards_are_raw([raw_shard], 32) and not data.shards_are_raw([raw_shard, other_shard], 32)
+    assert shards_are_raw([raw_shard], 32) and not shards_are_raw([raw_shard, other_shard], 32)
     split = {**_shards(prepared), "val": [raw_shard, other_shard]}  # a raw shard first, then another kind
     built = build_datasets(split, image_size=32, global_batch_size=4, seed=0)
     assert [int(labels.shape[0]) for _, labels in built.val] == [4, 3]  # read one by one: resized / decoded

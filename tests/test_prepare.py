@@ -19,8 +19,9 @@ from tests.fixtures.data import Prepared
 from tools import prepare as prep
 from tools.demo_data import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV
 from tools.prepare import MANIFEST_NAME, PrepareError, prepare
-from utilities.data import file_sha256, load_manifest, verify_shard
+from utilities.data import load_manifest
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
+from utilities.shards import file_sha256, verify_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 

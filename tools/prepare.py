@@ -345,7 +345,7 @@ def build_manifest(
     skipped_unk: int,
     source: dict[str, Any],
 ) -> dict[str, Any]:
-    from utilities.data import file_sha256
+    from utilities.shards import file_sha256
 
     uris = {split: [_final_uri(out_uri, split, p) for p in paths] for split, paths in shards.items()}
     sha = {_final_uri(out_uri, split, p): file_sha256(p) for split, paths in shards.items() for p in paths}
