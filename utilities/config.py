@@ -362,7 +362,18 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        self._refuse_cache_with_fine_tune()
+
+    def _refuse_cache_with_fine_tune(self) -> None:
+        # The cache would freeze a backbone the user asked to train: refuse rather than ignore one flag.
         _check(not (self.data.cache_features == "on" and self.model.fine_tune), _CACHE_ON_FINE_TUNE)
+
+    @property
+    def caches_features(self) -> bool:
+        """Train the head on cached backbone features: "on", or "auto" with a frozen backbone and no augmentation."""
+        self._refuse_cache_with_fine_tune()
+        mode = self.data.cache_features
+        return mode == "on" or (mode == "auto" and not self.model.fine_tune and not self.data.augment)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
