@@ -262,6 +262,11 @@ class CompressionConfig:
         for mode in self.quantize:
             _check(mode in QUANTIZE_MODES, f"unknown --quantize {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
 
+    @property
+    def enabled(self) -> bool:
+        """Any compressed variant asked for: pruning, distillation or a TFLite export."""
+        return self.prune or self.distill or bool(self.quantize)
+
 
 _NAME = r"[A-Za-z0-9._-]+"  # a model name or run id: one path segment
 
@@ -374,6 +379,12 @@ class Config:
         self._refuse_cache_with_fine_tune()
         mode = self.data.cache_features
         return mode == "on" or (mode == "auto" and not self.model.fine_tune and not self.data.augment)
+
+    def check_train_examples(self, n: int) -> None:
+        """Refuse, before any training, variants that need training data when the train split has `n` examples."""
+        c = self.compression
+        needing = [name for name, on in (("-p", c.prune), ("-d", c.distill), ("-q int8", "int8" in c.quantize)) if on]
+        _check(n > 0 or not needing, f"{', '.join(needing)} need training examples, but the train split is empty")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
