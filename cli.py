@@ -13,6 +13,7 @@ rerun with the printed --run-id to resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import netrc
@@ -20,187 +21,58 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from utilities.config import (
-    QUANTIZE_MODES,
-    ClusterConfig,
-    CompressionConfig,
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    OutputConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from utilities.config import Config, ConfigError, Source, sections, source
 from utilities.errors import JobError, one_line
 
 log = logging.getLogger("dermaid")
 PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run resumes
-
-_TRUE = {"1", "true", "t", "yes", "y", "on"}
-_FALSE = {"0", "false", "f", "no", "n", "off"}
+_TYPES = {"int": int, "float": float}  # a flag's type from its field's annotation (other: str)
 
 
-def str_to_bool(text: str) -> bool:
-    """`-x False` must mean off (the original's `type=bool` made every string True)."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
 
-
-def _switch(group, *names: str, help: str) -> None:
-    """An on/off flag that also takes a value, as the original's `-p True`: `-p`, `-p True`, `-p no`."""
-    group.add_argument(*names, nargs="?", const=True, default=False, type=str_to_bool, metavar="BOOL", help=help)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag declared on a `Config` field, one argument group per section, then -v."""
     parser = argparse.ArgumentParser(
         prog="cli.py",
         description="Train the image + metadata skin-lesion classifier on a versioned dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    data = parser.add_argument_group("Data")
-    data.add_argument(
-        "--manifest",
-        default="Versioning/versioned_paths.pickle",
-        help="pickle of shard URIs per split (from dvc_pull.sh)",
-    )
-    data.add_argument("--data-tag", default=None, help="registry tag of the manifest, for lineage (default: $DVC_TAG)")
-    data.add_argument("--image-size", type=int, default=256, help="square model input side in pixels (>= 32)")
-    data.add_argument("--cache-dir", default=".cache/shards", help="local cache of remote shards")
-    data.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
-    )
-    data.add_argument(
-        "--cache-features",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="compute frozen-backbone features once (auto: frozen backbone and --no-augment; on: also K augmented views)",
-    )
-    data.add_argument("--shuffle-buffer", type=int, default=2048, help="examples in the shuffle buffer")
-
-    model = parser.add_argument_group("Model")
-    model.add_argument(
-        "-f", "--fcnn-nodes", "--fcnn_nodes", type=int, default=1024, help="width of the metadata dense layer"
-    )
-    model.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a weights file path")
-    model.add_argument(
-        "--freeze-backbone",
-        action="store_true",
-        help="train only the heads on a frozen DenseNet121 (the original's teacher; allows --cache-features)",
-    )
-    model.add_argument(
-        "--fine-tune",
-        action="store_true",
-        help="train the whole DenseNet121, as the original base model (the default; kept for older scripts)",
-    )
-    model.add_argument("--dropout", type=float, default=0.3, help="dropout before each class head")
-    model.add_argument(
-        "--bn-momentum",
-        type=float,
-        default=0.99,
-        help="backbone BatchNorm momentum (~0.9 when fine-tuning on little data)",
-    )
-
-    train = parser.add_argument_group("Training")
-    train.add_argument(
-        "-b", "--batch-size", "--batch_size", type=int, default=64, help="global batch size, split across replicas"
-    )
-    train.add_argument("-e", "--epochs", type=int, default=10, help="epochs")
-    train.add_argument("-l", "--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
-    train.add_argument("--patience", type=int, default=3, help="early stopping on val balanced accuracy; 0 disables")
-    train.add_argument("--seed", type=int, default=42, help="seed for shuffling, augmentation and initialisation")
-    train.add_argument(
-        "-g",
-        "--gpus",
-        "--num_gpus",
-        type=int,
-        default=1,
-        help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)",
-    )
-    train.add_argument(
-        "--mixed-precision",
-        action="store_true",
-        help="train with mixed_float16 compute and dynamic loss scaling (float32 outputs; exports stay float32)",
-    )
-    train.add_argument(
-        "--jit",
-        action="store_true",
-        help="XLA-compile the Keras training steps (model; pruning and distillation with one replica); CPU: -g 1 only",
-    )
-
-    train.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="training steps between backups (a rerun with the same --run-id resumes at the next step); "
-        "0: every 5 minutes, or every epoch with several workers",
-    )
-    train.add_argument(
-        "--progress-every",
-        dest="progress_seconds",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="output to a log, not a terminal: a progress line (step, loss, rate, ETA) this often inside an epoch; "
-        "0: every step (a terminal gets Keras' progress bar)",
-    )
-
-    comp = parser.add_argument_group("Compression")
-    _switch(comp, "-p", "--prune", "--pruning", help="magnitude pruning fine-tune of the trained model")
-    comp.add_argument("--target-sparsity", type=float, default=0.5, help="final sparsity of pruned layers")
-    comp.add_argument("--prune-epochs", type=int, default=2, help="fine-tuning epochs under the pruning schedule")
-    _switch(comp, "-d", "--distill", "--distillation", help="train a small student from the trained model")
-    comp.add_argument(
-        "--teacher", default=None, help="saved teacher model to distill from (default: the model just trained)"
-    )
-    comp.add_argument("--temperature", type=float, default=4.0, help="distillation temperature on logits")
-    comp.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss (1-alpha on the teacher)")
-    comp.add_argument("--student-epochs", type=int, default=0, help="student epochs (0: same as --epochs)")
-    comp.add_argument("--student-filters", type=int, default=32, help="width of the student's conv branch")
-    comp.add_argument(
-        "-q", "--quantize", action="append", choices=QUANTIZE_MODES, default=[], help="TFLite export; repeatable"
-    )
-
-    out = parser.add_argument_group("Output and tracking")
-    out.add_argument(
-        "--output",
-        default=None,
-        help="bucket URI (gs://…) or local folder (default: gs://$GCS_BUCKET_NAME/models or ./outputs)",
-    )
-    out.add_argument("-n", "--model-name", "--model_name", default="base_model", help="run / model name")
-    out.add_argument(
-        "--run-id",
-        default=None,
-        help="run folder name; reuse one to resume an interrupted run (default: new time-stamped id)",
-    )
-    out.add_argument(
-        "-x",
-        "--tracking",
-        "--experiment_tracking",
-        nargs="?",
-        const=True,
-        default=None,
-        type=str_to_bool,
-        metavar="BOOL",
-        help="W&B tracking: -x, -x True or -x False (default: on when a W&B key is set or `wandb login` was run)",
-    )
-    out.add_argument("--no-tracking", dest="tracking", action="store_false", help="no W&B tracking")
-    out.add_argument("--wandb-project", default="dermaid", help="W&B project")
-    out.add_argument(
-        "--no-saved-model",
-        dest="saved_model",
-        action="store_false",
-        help="skip the SavedModel export beside model/model.keras (~1 min; still done for AIP_MODEL_DIR)",
-    )
-    out.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, title, section in sections():
+        for f in dataclasses.fields(section):
+            if (src := source(f)) and src.flags and title:
+                if title not in groups:
+                    groups[title] = parser.add_argument_group(title)
+                _add_flags(groups[title], f"{name}.{f.name}", f, src)
+    last = list(groups.values())[-1]  # Output and tracking
+    last.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _add_flags(group: argparse._ArgumentGroup, key: str, f: dataclasses.Field, src: Source) -> None:
+    """The flags of field `key` ("section.field"): dest `key`, or `key.I` for flag I of an exclusive field."""
+    for i, declared in enumerate(src.flags):
+        options = dict(declared.options)
+        action = options.get("action")
+        if action in (None, "append"):  # the flag takes a value
+            options.setdefault("type", _TYPES.get(getattr(f.type, "__name__", f.type)))
+            if "choices" not in options:  # argparse's own metavar, as if dest were the main long name
+                main = next(n for n in declared.names if n.startswith("--"))
+                options.setdefault("metavar", main[2:].replace("-", "_").upper())
+        if src.exclusive or i > 0:  # unset unless given; the first flag's default stands for a shared dest
+            options["default"] = argparse.SUPPRESS
+        else:
+            options.setdefault("default", list(f.default) if action == "append" else f.default)
+        group.add_argument(*declared.names, dest=f"{key}.{i}" if src.exclusive else key, help=declared.help, **options)
 
 
 def new_run_id() -> str:
@@ -248,84 +120,55 @@ def tracking_choice(flag: bool | None, env: Mapping[str, str]) -> tuple[bool, st
     """-x decides when given; otherwise on exactly when a W&B key is available (the original tracked by default)."""
     if flag is not None:
         return flag, "W&B tracking " + ("on (-x)" if flag else "off (-x False / --no-tracking)")
-    source = wandb_key_source(env)
-    if source:
-        return True, f"W&B tracking on: key from {source} (-x False turns it off)"
+    where = wandb_key_source(env)
+    if where:
+        return True, f"W&B tracking on: key from {where} (-x False turns it off)"
     return (
         False,
         "W&B tracking off: no W&B key (set WANDB_API_KEY, secrets/wandb.txt or run `wandb login`; -x forces it on)",
     )
 
 
+def _output(given: str | None, bucket: str | None, env: Mapping[str, str]) -> str | None:
+    return given or (f"gs://{bucket}/models" if bucket else None)  # None: the field's default, ./outputs
+
+
+# Fields whose value is computed from the flag's value (None when not given), the declared variable's
+# value and the environment, instead of "the flag, else the variable".
+DERIVED: dict[str, Callable[[Any, str | None, Mapping[str, str]], Any]] = {
+    "output.output": _output,
+    "output.run_id": lambda given, _, env: given or new_run_id(),
+    "tracking.enabled": lambda given, _, env: tracking_choice(given, env)[0],
+    "tracking.mode": lambda given, _, env: tracking_mode(env),
+    "cluster.tf_config": lambda given, _, env: tf_config_from_env(env),
+}
+
+
+def field_value(args: argparse.Namespace, key: str, src: Source, env: Mapping[str, str]) -> Any:
+    """The value of field `key` from its flags, else its variable (an empty one counts as unset); None: default."""
+    if src.exclusive:
+        given = src.pick([getattr(args, f"{key}.{i}", None) for i in range(len(src.flags))])
+    else:
+        given = getattr(args, key, None)
+    variable = (env.get(src.env) or None) if src.env else None
+    if key in DERIVED:
+        return DERIVED[key](given, variable, env)
+    if isinstance(given, list):  # a repeatable flag: each value once, in order
+        return tuple(dict.fromkeys(given))
+    return variable if given is None else given
+
+
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
-    if args.freeze_backbone and args.fine_tune:
-        raise ConfigError("--freeze-backbone and --fine-tune contradict each other; choose one")
-    bucket = env.get("GCS_BUCKET_NAME")
-    output = args.output or (f"gs://{bucket}/models" if bucket else "outputs")
-    return Config(
-        data=DataConfig(
-            manifest=args.manifest,
-            data_tag=args.data_tag or env.get("DVC_TAG"),
-            cache_dir=args.cache_dir,
-            image_size=args.image_size,
-            augment=args.augment,
-            shuffle_buffer=args.shuffle_buffer,
-            cache_features=args.cache_features,
-        ),
-        model=ModelConfig(
-            weights=args.weights,
-            fine_tune=not args.freeze_backbone,
-            fcnn_nodes=args.fcnn_nodes,
-            dropout=args.dropout,
-            bn_momentum=args.bn_momentum,
-        ),
-        train=TrainConfig(
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            patience=args.patience,
-            seed=args.seed,
-            gpus=args.gpus,
-            mixed_precision=args.mixed_precision,
-            jit=args.jit,
-            checkpoint_every=args.checkpoint_every,
-            progress_seconds=args.progress_seconds,
-        ),
-        compression=CompressionConfig(
-            prune=args.prune,
-            target_sparsity=args.target_sparsity,
-            prune_epochs=args.prune_epochs,
-            distill=args.distill,
-            teacher=args.teacher,
-            temperature=args.temperature,
-            alpha=args.alpha,
-            student_epochs=args.student_epochs,
-            student_filters=args.student_filters,
-            quantize=tuple(dict.fromkeys(args.quantize)),
-        ),
-        output=OutputConfig(
-            output=output,
-            model_name=args.model_name,
-            run_id=args.run_id or new_run_id(),
-            saved_model=args.saved_model,
-            model_dir=env.get("AIP_MODEL_DIR"),
-            checkpoint_dir=env.get("AIP_CHECKPOINT_DIR"),
-            tensorboard_dir=env.get("AIP_TENSORBOARD_LOG_DIR"),
-            hp_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE"),
-        ),
-        tracking=TrackingConfig(
-            enabled=tracking_choice(args.tracking, env)[0],
-            mode=tracking_mode(env),
-            project=args.wandb_project,
-            wandb_dir=env.get("WANDB_DIR"),
-        ),
-        cluster=ClusterConfig(
-            tf_config=tf_config_from_env(env),
-            gcp_project=env.get("GCP_PROJECT"),
-            bucket=bucket,
-            code_commit=env.get("DERMAID_GIT_COMMIT") or None,
-        ),
-    )
+    """Every section built from its fields' declared sources; a field without a value keeps its default."""
+    built = {}
+    for name, _, section in sections():
+        values = {
+            f.name: field_value(args, f"{name}.{f.name}", src, env)
+            for f in dataclasses.fields(section)
+            if (src := source(f))
+        }
+        built[name] = section(**{k: v for k, v in values.items() if v is not None})
+    return Config(**built)
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -346,7 +189,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         config = config_from_args(args, env)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))  # exits 2 with usage
-    log.info(tracking_choice(args.tracking, env)[1])
+    log.info(tracking_choice(getattr(args, "tracking.enabled"), env)[1])
 
     import training  # TensorFlow is imported only past this point
 

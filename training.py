@@ -290,7 +290,7 @@ def fit(
         Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch)
     )
     trainee, train_data, val_data = model, datasets.train_from(epoch, step, config.train.epochs), datasets.val
-    if feature_cache.should_cache(config):
+    if config.caches_features:
         with strategy.scope():
             trainee = feature_cache.head_model(model)
             compile_model(trainee, config.train.learning_rate, jit=config.train.jit)

@@ -1,5 +1,6 @@
 """Flag parsing, environment → Config, and exit codes of cli.py (no training here)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import cli
+from utilities.config import Config, ConfigError, ModelConfig, sections, source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,3 +244,91 @@ def test_missing_manifest_says_to_pull(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "dvc_pull.sh" in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- flags declared on the Config fields
+
+# Fields without a flag: filled from the environment by cli.py, or (staging_dir) not settable.
+ENV_ONLY = {
+    "output.model_dir",
+    "output.checkpoint_dir",
+    "output.tensorboard_dir",
+    "output.hp_metric_file",
+    "tracking.mode",
+    "tracking.wandb_dir",
+    "cluster.tf_config",
+    "cluster.gcp_project",
+    "cluster.bucket",
+    "cluster.code_commit",
+}
+NOT_SETTABLE = {"output.staging_dir"}  # local staging of a gs:// run; no flag, no variable
+
+
+def declared_fields():
+    for name, _, section in sections():
+        for f in dataclasses.fields(section):
+            yield f"{name}.{f.name}", f, source(f)
+
+
+def test_every_field_has_a_flag_with_help_except_the_documented_ones():
+    help_text = cli.build_parser().format_help()
+    without_flag = set()
+    for key, _, src in declared_fields():
+        if src is None or not src.flags:
+            without_flag.add(key)
+            assert (src is not None and src.env) or key in NOT_SETTABLE, key
+            continue
+        for declared in src.flags:
+            assert declared.help.strip() and len(declared.help) > 5, key
+            assert all(name in help_text for name in declared.names), key
+    assert without_flag == ENV_ONLY | NOT_SETTABLE
+
+
+def test_no_flags_and_no_environment_give_the_dataclass_defaults():
+    got, want = config([], {"HOME": "/nonexistent"}), Config()
+    for key, f, _ in declared_fields():
+        section = key.split(".")[0]
+        value, default = getattr(getattr(got, section), f.name), getattr(getattr(want, section), f.name)
+        if key == "output.run_id":  # a new time-stamped id
+            assert value and value != default
+        else:
+            assert value == default and type(value) is type(default), key
+
+
+def _sample(f, declared):
+    """An argv giving the flag a value other than its default."""
+    options = declared.options
+    if options.get("action") is not None and options.get("action") != "append":
+        return []
+    if "choices" in options:
+        return [options["choices"][-1]]
+    if options.get("nargs") == "?":
+        return ["yes" if f.default is False else "no"]
+    if f.type in ("int", "float"):
+        return [str(f.default + 1 if f.type == "int" else f.default / 2)]
+    return [(f.default or "") + "x"]
+
+
+def test_every_alias_parses_like_the_main_spelling():
+    parser = cli.build_parser()
+    defaults = vars(parser.parse_args([]))
+    checked = 0
+    for key, f, src in declared_fields():
+        for declared in src.flags if src else ():
+            main = next(n for n in declared.names if n.startswith("--"))
+            value = _sample(f, declared)
+            expected = vars(parser.parse_args([main, *value]))
+            assert expected != defaults, main  # the sample changes something
+            for alias in declared.names:
+                assert vars(parser.parse_args([alias, *value])) == expected, (key, alias)
+                checked += 1
+            if declared.options.get("nargs") == "?":  # -p, -x: also without a value
+                assert all(vars(parser.parse_args([a])) == vars(parser.parse_args([main])) for a in declared.names)
+    assert checked >= 50
+
+
+def test_flags_that_contradict_are_refused_in_the_config_layer():
+    model = {f.name: source(f) for f in dataclasses.fields(ModelConfig)}
+    with pytest.raises(ConfigError, match="--freeze-backbone and --fine-tune contradict each other"):
+        model["fine_tune"].pick([False, True])
+    assert model["fine_tune"].pick([None, None]) is None and model["fine_tune"].pick([False, None]) is False

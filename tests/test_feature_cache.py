@@ -65,13 +65,17 @@ def _index_cache(views: int, examples: int) -> feature_cache.FeatureCache:
         ("on", False, True, True),  # K augmented views
     ],
 )
-def test_should_cache_follows_the_config(cache, fine_tune, augment, expected):
-    assert feature_cache.should_cache(_config(cache, fine_tune, augment)) is expected
+def test_caches_features_follows_the_config(cache, fine_tune, augment, expected):
+    assert _config(cache, fine_tune, augment).caches_features is expected
 
 
 def test_cache_on_with_fine_tune_is_refused():
     with pytest.raises(ConfigError, match="frozen backbone"):
-        feature_cache.should_cache(_config("on", fine_tune=True))
+        _config("on", fine_tune=True)
+    forced = _config("on")  # a Config altered past its checks still cannot cache a backbone that trains
+    object.__setattr__(forced, "model", ModelConfig(fine_tune=True))
+    with pytest.raises(ConfigError, match="frozen backbone"):
+        assert forced.caches_features
 
 
 def test_view_count_is_one_without_augmentation_else_at_most_max_views():

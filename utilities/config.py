@@ -1,15 +1,21 @@
-"""One frozen, typed configuration for a training run.
+"""One frozen, typed configuration for a training run, and the command line that fills it.
 
-`cli.py` is the only place that reads flags and environment; it builds a `Config` and hands it to
-`training.run`. Every field is validated in `__post_init__`, so a bad value fails before any
-TensorFlow work, and the whole config is written into `run.json` (it never holds a secret: the W&B
-key and credentials stay in the environment, where their libraries read them).
+Each field declares, next to its default, where cli.py takes its value from: its flag(s) with their
+help (`flag`, `switch`, `flags`), and the environment variable read when no flag gives one (`env=`).
+`cli.py` is the only place that reads flags and environment: it builds a `Config` from these
+declarations and hands it to `training.run`. Fields declared with neither keep their default here
+(`OutputConfig.staging_dir`). Every field is validated in `__post_init__`, and every rule that spans
+fields lives here too, so a bad value fails before any TensorFlow work. The whole config is written
+into `run.json` (it never holds a secret: the W&B key and credentials stay in the environment,
+where their libraries read them).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +35,104 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# ---------------------------------------------------------------- where a field's value comes from
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """`-x False` must mean off (the original's `type=bool` made every string True)."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a field: its spellings (the first long one is the main one), help and argparse options.
+
+    `type` defaults to the field's annotation (int, float, else str); `default` to the field's default.
+    """
+
+    names: tuple[str, ...]
+    help: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where cli.py takes a field's value from: the flags, then `env` (a variable) when none gave one."""
+
+    flags: tuple[Flag, ...] = ()
+    env: str | None = None
+    exclusive: bool = False  # the flags contradict each other: cli.py keeps their values apart for `pick`
+
+    def pick(self, given: Sequence[Any]) -> Any:
+        """The value of an exclusive field from its flags' values in order (None: that flag not given)."""
+        chosen = [(f, value) for f, value in zip(self.flags, given, strict=True) if value is not None]
+        _check(len(chosen) <= 1, " and ".join(f.names[0] for f, _ in chosen) + " contradict each other; choose one")
+        return chosen[0][1] if chosen else None
+
+
+def flag(*names: str, help: str, env: str | None = None, **options: Any) -> dict[str, Source]:
+    """Field metadata: one flag (all its spellings), its help, and optionally the variable read without it."""
+    return {"source": Source((Flag(names, help, options),), env)}
+
+
+def switch(*names: str, help: str) -> dict[str, Source]:
+    """An on/off flag that also takes a value, as the original's `-p True`: `-p`, `-p True`, `-p no`."""
+    return flag(*names, help=help, nargs="?", const=True, type=parse_bool, metavar="BOOL")
+
+
+def flags(*declared: dict[str, Source], env: str | None = None, exclusive: bool = False) -> dict[str, Source]:
+    """Field metadata: several flags setting one field (the last given wins, or, `exclusive`, only one may be)."""
+    return {"source": Source(tuple(f for d in declared for f in d["source"].flags), env, exclusive)}
+
+
+def opt(default: Any, /, *names: str, help: str, env: str | None = None, **options: Any) -> Any:
+    """A field with one flag: `epochs: int = opt(10, "-e", "--epochs", help="epochs")`."""
+    return field(default=default, metadata=flag(*names, help=help, env=env, **options))
+
+
+def from_env(name: str, default: str | None = None) -> Any:
+    """A field without a flag that cli.py fills from the variable `name` (or by a rule in cli.DERIVED)."""
+    return field(default=default, metadata={"source": Source(env=name)})
+
+
+def source(f: dataclasses.Field) -> Source | None:
+    """A field's declared source, or None: the field keeps its default."""
+    return f.metadata.get("source")
+
+
+# ---------------------------------------------------------------- sections
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    manifest: str = "Versioning/versioned_paths.pickle"  # pickle of shard URIs per split
-    data_tag: str | None = None  # registry tag the manifest came from (lineage only)
-    cache_dir: str = ".cache/shards"  # local copies of remote shards, verified by sha256
-    image_size: int = DEFAULT_IMAGE_SIZE  # side of the square model input, pixels
-    augment: bool = True  # flip/rotate/shift/zoom on training batches
-    shuffle_buffer: int = 2048  # examples
-    cache_features: str = "auto"  # frozen-backbone feature cache: auto | on | off
+    manifest: str = opt(
+        "Versioning/versioned_paths.pickle", "--manifest", help="pickle of shard URIs per split (from dvc_pull.sh)"
+    )
+    data_tag: str | None = opt(  # lineage only
+        None, "--data-tag", env="DVC_TAG", help="registry tag of the manifest, for lineage (default: $DVC_TAG)"
+    )
+    cache_dir: str = opt(".cache/shards", "--cache-dir", help="local cache of remote shards (verified by sha256)")
+    image_size: int = opt(
+        DEFAULT_IMAGE_SIZE, "--image-size", help=f"square model input side in pixels (>= {MIN_IMAGE_SIZE})"
+    )
+    augment: bool = opt(
+        True, "--no-augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
+    )
+    shuffle_buffer: int = opt(2048, "--shuffle-buffer", help="examples in the shuffle buffer")
+    cache_features: str = opt(
+        "auto",
+        "--cache-features",
+        choices=("auto", "on", "off"),
+        help="compute frozen-backbone features once (auto: frozen backbone and --no-augment; on: also K augmented views)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -50,13 +145,32 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    weights: str = "imagenet"  # imagenet | none | path to a weights file for the backbone
-    fine_tune: bool = True  # the whole DenseNet121 trains, as the original base model; False: frozen (its teacher)
-    fcnn_nodes: int = 1024  # width of the metadata dense layer
-    dropout: float = 0.3
-    # Backbone BatchNorm moving-average momentum. DenseNet's 0.99 needs hundreds of steps to
-    # settle; fine-tuning from scratch on a few hundred images wants ~0.9 or validation collapses.
-    bn_momentum: float = 0.99
+    weights: str = opt("imagenet", "--weights", help="backbone weights: imagenet, none, or a weights file path")
+    fine_tune: bool = field(  # True: the whole DenseNet121 trains, as the original base model; False: its teacher
+        default=True,
+        metadata=flags(
+            flag(
+                "--freeze-backbone",
+                action="store_const",
+                const=False,
+                help="train only the heads on a frozen DenseNet121 (the original's teacher; allows --cache-features)",
+            ),
+            flag(
+                "--fine-tune",
+                action="store_const",
+                const=True,
+                help="train the whole DenseNet121, as the original base model (the default; kept for older scripts)",
+            ),
+            exclusive=True,
+        ),
+    )
+    fcnn_nodes: int = opt(1024, "-f", "--fcnn-nodes", "--fcnn_nodes", help="width of the metadata dense layer")
+    dropout: float = opt(0.3, "--dropout", help="dropout before each class head")
+    # DenseNet's 0.99 needs hundreds of steps to settle; fine-tuning from scratch on a few hundred
+    # images wants ~0.9 or validation collapses.
+    bn_momentum: float = opt(
+        0.99, "--bn-momentum", help="backbone BatchNorm momentum (~0.9 when fine-tuning on little data)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.fcnn_nodes >= 1, "--fcnn-nodes must be at least 1")
@@ -66,16 +180,40 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 64  # global batch, split across replicas
-    epochs: int = 10
-    learning_rate: float = 1e-4
-    patience: int = 3  # early-stopping epochs without val improvement; 0 disables
-    seed: int = 42
-    gpus: int = 1  # replicas on this machine (MirroredStrategy when > 1)
-    mixed_precision: bool = False
-    jit: bool = False
-    checkpoint_every: int = 0  # training steps between backups; 0: every 5 minutes (every epoch on several workers)
-    progress_seconds: float = 30.0  # seconds between progress lines inside an epoch; 0: every step
+    batch_size: int = opt(64, "-b", "--batch-size", "--batch_size", help="global batch size, split across replicas")
+    epochs: int = opt(10, "-e", "--epochs", help="epochs")
+    learning_rate: float = opt(1e-4, "-l", "--learning-rate", "--learning_rate", help="Adam learning rate")
+    patience: int = opt(3, "--patience", help="early stopping on val balanced accuracy; 0 disables")
+    seed: int = opt(42, "--seed", help="seed for shuffling, augmentation and initialisation")
+    gpus: int = opt(
+        1, "-g", "--gpus", "--num_gpus", help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
+    )
+    mixed_precision: bool = opt(
+        False,
+        "--mixed-precision",
+        action="store_true",
+        help="train with mixed_float16 compute and dynamic loss scaling (float32 outputs; exports stay float32)",
+    )
+    jit: bool = opt(
+        False,
+        "--jit",
+        action="store_true",
+        help="XLA-compile the Keras training steps (model; pruning and distillation with one replica); CPU: -g 1 only",
+    )
+    checkpoint_every: int = opt(
+        0,
+        "--checkpoint-every",
+        metavar="STEPS",
+        help="training steps between backups (a rerun with the same --run-id resumes at the next step); "
+        "0: every 5 minutes, or every epoch with several workers",
+    )
+    progress_seconds: float = opt(
+        30.0,
+        "--progress-every",
+        metavar="SECONDS",
+        help="output to a log, not a terminal: a progress line (step, loss, rate, ETA) this often inside an epoch; "
+        "0: every step (a terminal gets Keras' progress bar)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
@@ -92,16 +230,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    prune: bool = False
-    target_sparsity: float = 0.5
-    prune_epochs: int = 2  # fine-tuning epochs under the pruning schedule
-    distill: bool = False
-    teacher: str | None = None  # path of a saved teacher; default: the model just trained
-    temperature: float = 4.0
-    alpha: float = 0.1  # weight of the hard-label loss; 1 - alpha on the softened teacher logits
-    student_epochs: int = 0  # 0: same as --epochs
-    student_filters: int = 32  # width of the student's conv branch
-    quantize: tuple[str, ...] = ()
+    prune: bool = field(
+        default=False,
+        metadata=switch("-p", "--prune", "--pruning", help="magnitude pruning fine-tune of the trained model"),
+    )
+    target_sparsity: float = opt(0.5, "--target-sparsity", help="final sparsity of pruned layers")
+    prune_epochs: int = opt(2, "--prune-epochs", help="fine-tuning epochs under the pruning schedule")
+    distill: bool = field(
+        default=False,
+        metadata=switch("-d", "--distill", "--distillation", help="train a small student from the trained model"),
+    )
+    teacher: str | None = opt(
+        None, "--teacher", help="saved teacher model to distill from (default: the model just trained)"
+    )
+    temperature: float = opt(4.0, "--temperature", help="distillation temperature on logits")
+    alpha: float = opt(0.1, "--alpha", help="weight of the hard-label loss (1-alpha on the teacher)")
+    student_epochs: int = opt(0, "--student-epochs", help="student epochs (0: same as --epochs)")
+    student_filters: int = opt(32, "--student-filters", help="width of the student's conv branch")
+    quantize: tuple[str, ...] = opt(
+        (), "-q", "--quantize", action="append", choices=QUANTIZE_MODES, help="TFLite export; repeatable"
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.target_sparsity < 1.0, f"--target-sparsity {self.target_sparsity} must be in (0, 1)")
@@ -114,26 +262,51 @@ class CompressionConfig:
         for mode in self.quantize:
             _check(mode in QUANTIZE_MODES, f"unknown --quantize {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
 
+    @property
+    def enabled(self) -> bool:
+        """Any compressed variant asked for: pruning, distillation or a TFLite export."""
+        return self.prune or self.distill or bool(self.quantize)
+
+
+_NAME = r"[A-Za-z0-9._-]+"  # a model name or run id: one path segment
+
 
 @dataclass(frozen=True)
 class OutputConfig:
-    output: str = "outputs"  # gs://bucket/prefix or a local folder
-    model_name: str = "base_model"
-    run_id: str = ""  # filled by cli.py; a rerun with the same id resumes
-    model_dir: str | None = None  # Vertex AI_MODEL_DIR: the final model also goes there
-    checkpoint_dir: str | None = None  # Vertex AIP_CHECKPOINT_DIR; default: inside the run folder
-    tensorboard_dir: str | None = None  # Vertex AIP_TENSORBOARD_LOG_DIR
-    hp_metric_file: str | None = None  # CLOUD_ML_HP_METRIC_FILE for hypertune
-    staging_dir: str = ".cache/runs"  # local copy of a gs:// run before upload (resume reads it)
-    saved_model: bool = True  # also export model/ as a TF SavedModel (loads with TensorFlow alone; ~1 min)
+    output: str = opt(
+        "outputs",
+        "--output",
+        env="GCS_BUCKET_NAME",
+        default=None,
+        help="bucket URI (gs://…) or local folder (default: gs://$GCS_BUCKET_NAME/models or ./outputs)",
+    )
+    model_name: str = opt("base_model", "-n", "--model-name", "--model_name", help="run / model name")
+    run_id: str = opt(  # "" only outside cli.py, which always fills it
+        "",
+        "--run-id",
+        default=None,
+        help="run folder name; reuse one to resume an interrupted run (default: new time-stamped id)",
+    )
+    model_dir: str | None = from_env("AIP_MODEL_DIR")  # Vertex AI: the final model also goes there
+    checkpoint_dir: str | None = from_env("AIP_CHECKPOINT_DIR")  # default: inside the run folder
+    tensorboard_dir: str | None = from_env("AIP_TENSORBOARD_LOG_DIR")
+    hp_metric_file: str | None = from_env("CLOUD_ML_HP_METRIC_FILE")  # for hypertune
+    staging_dir: str = ".cache/runs"  # local copy of a gs:// run before upload (resume reads it); no flag
+    saved_model: bool = opt(
+        True,
+        "--no-saved-model",
+        action="store_false",
+        help="skip the SavedModel export beside model/model.keras (it loads with TensorFlow alone; ~1 min; "
+        "still done for AIP_MODEL_DIR)",
+    )
 
     def __post_init__(self) -> None:
         _check(
-            bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name)),
+            bool(re.fullmatch(_NAME, self.model_name)),
             f"--model-name {self.model_name!r} may use only letters, digits, '.', '_' and '-'",
         )
         _check(
-            self.run_id == "" or bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id)),
+            self.run_id == "" or bool(re.fullmatch(_NAME, self.run_id)),
             f"--run-id {self.run_id!r} may use only letters, digits, '.', '_' and '-'",
         )
 
@@ -144,10 +317,27 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = False
-    mode: str = "offline"  # online when a key is present, else offline
-    project: str = "dermaid"
-    wandb_dir: str | None = None
+    enabled: bool = field(
+        default=False,
+        metadata=flags(
+            flag(
+                "-x",
+                "--tracking",
+                "--experiment_tracking",
+                nargs="?",
+                const=True,
+                default=None,
+                type=parse_bool,
+                metavar="BOOL",
+                help="W&B tracking: -x, -x True or -x False (default: on when a W&B key is set or `wandb login` was run)",
+            ),
+            flag("--no-tracking", action="store_false", help="no W&B tracking"),
+            env="WANDB_API_KEY",  # or the ~/.netrc entry `wandb login` writes
+        ),
+    )
+    mode: str = from_env("WANDB_MODE", "offline")  # without it: online when a key is present, else offline
+    project: str = opt("dermaid", "--wandb-project", help="W&B project")
+    wandb_dir: str | None = from_env("WANDB_DIR")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("online", "offline", "disabled"), f"unknown W&B mode {self.mode!r}")
@@ -155,27 +345,46 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    tf_config: str | None = None  # TF_CONFIG (or Vertex CLUSTER_SPEC translated) as JSON text
-    gcp_project: str | None = None
-    bucket: str | None = None
-    code_commit: str | None = None  # DERMAID_GIT_COMMIT, baked into images (they hold no .git)
+    tf_config: str | None = from_env("TF_CONFIG")  # or Vertex AI's CLUSTER_SPEC translated; JSON text
+    gcp_project: str | None = from_env("GCP_PROJECT")
+    bucket: str | None = from_env("GCS_BUCKET_NAME")
+    code_commit: str | None = from_env("DERMAID_GIT_COMMIT")  # baked into images (they hold no .git)
+
+
+_CACHE_ON_FINE_TUNE = "--cache-features on needs a frozen backbone; add --freeze-backbone or use --cache-features auto"
 
 
 @dataclass(frozen=True)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """The sections; each one's `title` is its group in `--help` (a section without flags has none)."""
+
+    data: DataConfig = field(default_factory=DataConfig, metadata={"title": "Data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"title": "Model"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"title": "Training"})
+    compression: CompressionConfig = field(default_factory=CompressionConfig, metadata={"title": "Compression"})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"title": "Output and tracking"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"title": "Output and tracking"})
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        _check(
-            not (self.data.cache_features == "on" and self.model.fine_tune),
-            "--cache-features on needs a frozen backbone; add --freeze-backbone or use --cache-features auto",
-        )
+        self._refuse_cache_with_fine_tune()
+
+    def _refuse_cache_with_fine_tune(self) -> None:
+        # The cache would freeze a backbone the user asked to train: refuse rather than ignore one flag.
+        _check(not (self.data.cache_features == "on" and self.model.fine_tune), _CACHE_ON_FINE_TUNE)
+
+    @property
+    def caches_features(self) -> bool:
+        """Train the head on cached backbone features: "on", or "auto" with a frozen backbone and no augmentation."""
+        self._refuse_cache_with_fine_tune()
+        mode = self.data.cache_features
+        return mode == "on" or (mode == "auto" and not self.model.fine_tune and not self.data.augment)
+
+    def check_train_examples(self, n: int) -> None:
+        """Refuse, before any training, variants that need training data when the train split has `n` examples."""
+        c = self.compression
+        needing = [name for name, on in (("-p", c.prune), ("-d", c.distill), ("-q int8", "int8" in c.quantize)) if on]
+        _check(n > 0 or not needing, f"{', '.join(needing)} need training examples, but the train split is empty")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,3 +396,9 @@ class Config:
             current = getattr(self, name)
             changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
         return dataclasses.replace(self, **changes)
+
+
+def sections() -> Iterator[tuple[str, str | None, type]]:
+    """(name, `--help` group title or None, dataclass) of each section of `Config`, in order."""
+    for f in dataclasses.fields(Config):
+        yield f.name, f.metadata.get("title"), f.default_factory

@@ -5,7 +5,7 @@ so its pooled features for a given input image are the same every epoch. Caching
 into a few small Dense layers over (B, 1024) vectors, tens of times faster (`python -m bench.cache`).
 
     from utilities import feature_cache
-    if feature_cache.should_cache(config):
+    if config.caches_features:
         with strategy.scope():                            # fit uses the scope a model was built in
             head = feature_cache.head_model(model)        # {"features", "metadata"} → probs
             compile_model(head, config.train.learning_rate)
@@ -41,7 +41,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities import data
-from utilities.config import Config, ConfigError
+from utilities.config import Config
 from utilities.errors import JobError
 from utilities.progress import Progress
 
@@ -55,20 +55,7 @@ class FeatureCacheError(JobError, ValueError):
     """A model or dataset the cache cannot handle; the message is one line."""
 
 
-# ---------------------------------------------------------------- decision
-
-
-def should_cache(config: Config) -> bool:
-    """True when training should use cached backbone features ("on", or "auto" with frozen backbone, no augment)."""
-    mode = config.data.cache_features
-    if mode == "on" and config.model.fine_tune:
-        # The cache would freeze a backbone the user asked to train: refuse rather than ignore one flag.
-        raise ConfigError(
-            "--cache-features on needs a frozen backbone; add --freeze-backbone or use --cache-features auto"
-        )
-    if mode == "on":
-        return True
-    return mode == "auto" and not config.model.fine_tune and not config.data.augment
+# ---------------------------------------------------------------- decision (whether to cache: Config.caches_features)
 
 
 def view_count(config: Config) -> int:
@@ -300,7 +287,6 @@ __all__ = [
     "eval_dataset",
     "feature_extractor",
     "head_model",
-    "should_cache",
     "train_dataset",
     "view_count",
 ]
