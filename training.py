@@ -36,10 +36,9 @@ from utilities import data, distribution, evaluation, feature_cache, storage, tr
 from utilities.callbacks import (
     BACKUP_SECONDS,
     Backup,
-    NanGuard,
     Preempted,
     PreemptionWatch,
-    progress_display,
+    fit_callbacks,
     resume_position,
 )
 from utilities.config import Config
@@ -269,25 +268,15 @@ def fit(
         )
     # A terminal gets Keras' progress bar; a log (Vertex AI, CI, a file) one plain line per epoch plus
     # a progress line every --progress-every seconds (a bar's carriage returns garble logs).
-    verbose, progress = progress_display(config.train.progress_seconds)
-    callbacks = [
-        NanGuard(),
-        *progress,
-        tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
-        *tracker.callbacks(),
-    ]
-    if config.train.patience > 0:
-        callbacks.append(
-            tf_keras.callbacks.EarlyStopping(
-                monitor="val_balanced_accuracy", mode="max", patience=config.train.patience, restore_best_weights=True
-            )
-        )
-    if config.output.tensorboard_dir:
-        callbacks.append(tf_keras.callbacks.TensorBoard(local_mount(config.output.tensorboard_dir)))
-    # Last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
+    # Backup last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
     seconds = 0.0 if several_workers or config.train.checkpoint_every else BACKUP_SECONDS
-    callbacks.append(
-        Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch)
+    verbose, callbacks = fit_callbacks(
+        progress_seconds=config.train.progress_seconds,
+        history_csv=folder.path("history.csv"),
+        loggers=tracker.callbacks(),
+        patience=config.train.patience,
+        tensorboard_dir=local_mount(config.output.tensorboard_dir) if config.output.tensorboard_dir else None,
+        backup=Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch),
     )
     trainee, train_data, val_data = model, datasets.train_from(epoch, step, config.train.epochs), datasets.val
     if feature_cache.should_cache(config):
