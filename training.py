@@ -36,10 +36,9 @@ from utilities import data, distribution, evaluation, feature_cache, storage, tr
 from utilities.callbacks import (
     BACKUP_SECONDS,
     Backup,
-    NanGuard,
     Preempted,
     PreemptionWatch,
-    progress_display,
+    fit_callbacks,
     resume_position,
 )
 from utilities.config import Config
@@ -124,9 +123,9 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
     )
     log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
     if config.compression.prune or config.compression.distill or config.compression.quantize:
-        from utilities import model_compression  # tfmot is imported only when compressing
+        from utilities import compression  # tfmot is imported only when compressing
 
-        model_compression.check_inputs(config, train_examples=datasets.counts["train"])
+        compression.check_inputs(config, train_examples=datasets.counts["train"])
 
     # ------------------------------------------------------------------ tracking
     lineage = build_lineage(config, manifest, strategy, started)
@@ -164,22 +163,22 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
             log.info("BatchNorm statistics re-estimated on %d training batches (no augmentation)", used)
         else:
             save_model(model, folder.path("model"))
-        metrics = {"headline": "balanced_accuracy", "variants": {}}
+        variants: dict[str, variant_eval.VariantResult] = {}
         if cluster.is_chief:
             # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
             # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
             evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
-            metrics["variants"]["model"] = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"))
-            log.info("val balanced accuracy %.3f", metrics["variants"]["model"]["val"]["balanced_accuracy"])
+            variants["model"] = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"))
+            log.info("val balanced accuracy %.3f", variants["model"].metrics["val"]["balanced_accuracy"])
 
             # ---------------------------------------------------------- compression variants
             # Several workers: the chief compresses alone, on that reloaded copy under the default
             # strategy (no collective needs a peer), while the others wait at the end barrier.
             compress_strategy = strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
-            variants = run_compression(config, evaluated, datasets, folder, compress_strategy, tracker, metrics)
-            metrics["variants"].update(variants)
-            for line in evaluation.collapse_warnings(metrics):
-                log.warning(line)
+            variants.update(run_compression(config, evaluated, datasets, folder, compress_strategy, tracker, variants))
+        metrics = {"headline": "balanced_accuracy", "variants": {name: v.metrics for name, v in variants.items()}}
+        for line in evaluation.collapse_warnings(metrics):
+            log.warning(line)
 
         # -------------------------------------------------------------- outputs (run.json last)
         lineage["finished"] = _now()
@@ -269,25 +268,15 @@ def fit(
         )
     # A terminal gets Keras' progress bar; a log (Vertex AI, CI, a file) one plain line per epoch plus
     # a progress line every --progress-every seconds (a bar's carriage returns garble logs).
-    verbose, progress = progress_display(config.train.progress_seconds)
-    callbacks = [
-        NanGuard(),
-        *progress,
-        tf_keras.callbacks.CSVLogger(str(folder.path("history.csv")), append=True),
-        *tracker.callbacks(),
-    ]
-    if config.train.patience > 0:
-        callbacks.append(
-            tf_keras.callbacks.EarlyStopping(
-                monitor="val_balanced_accuracy", mode="max", patience=config.train.patience, restore_best_weights=True
-            )
-        )
-    if config.output.tensorboard_dir:
-        callbacks.append(tf_keras.callbacks.TensorBoard(local_mount(config.output.tensorboard_dir)))
-    # Last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
+    # Backup last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
     seconds = 0.0 if several_workers or config.train.checkpoint_every else BACKUP_SECONDS
-    callbacks.append(
-        Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch)
+    verbose, callbacks = fit_callbacks(
+        progress_seconds=config.train.progress_seconds,
+        history_csv=folder.path("history.csv"),
+        loggers=tracker.callbacks(),
+        patience=config.train.patience,
+        tensorboard_dir=local_mount(config.output.tensorboard_dir) if config.output.tensorboard_dir else None,
+        backup=Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch),
     )
     trainee, train_data, val_data = model, datasets.train_from(epoch, step, config.train.epochs), datasets.val
     if config.caches_features:
@@ -329,23 +318,24 @@ def read_history(path: Path) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------- evaluation
 
 
-def run_compression(config: Config, model, datasets, folder: RunFolder, strategy, tracker, metrics) -> dict[str, Any]:
+def run_compression(
+    config: Config, model, datasets, folder: RunFolder, strategy, tracker, variants
+) -> dict[str, variant_eval.VariantResult]:
     """Pruned, student and TFLite variants, each evaluated; none when no compression flag is set (chief only)."""
     c = config.compression
     if not (c.prune or c.distill or c.quantize):
         return {}
-    from utilities import model_compression
+    from utilities import compression
 
-    reference = metrics["variants"].get("model")  # float model's predictions (chief only), for top-1 agreement
-    return model_compression.run_variants(config, model, datasets, folder, strategy, tracker, reference=reference)
+    reference = variants.get("model")  # float model's predictions (chief only), for top-1 agreement
+    return compression.run_variants(config, model, datasets, folder, strategy, tracker, reference=reference)
 
 
 # ---------------------------------------------------------------------- outputs
 
 
 def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracker) -> None:
-    clean = variant_eval.public(metrics)
-    _write_json(folder.path("metrics.json"), clean)
+    _write_json(folder.path("metrics.json"), metrics)
     summary = {
         **lineage,
         "data_tag": lineage["data"]["tag"],
@@ -354,15 +344,15 @@ def publish(config: Config, folder: RunFolder, metrics, lineage, history, tracke
         "start_time": lineage["started"],
         "end_time": lineage.get("finished"),
     }
-    report = evaluation.write_report(folder.local, clean, summary, history)
-    headline = clean["variants"]["model"]["val"]["balanced_accuracy"]
+    report = evaluation.write_report(folder.local, metrics, summary, history)
+    headline = metrics["variants"]["model"]["val"]["balanced_accuracy"]
     tracker.log_summary(
         {
             "val/balanced_accuracy": headline,
-            "test/balanced_accuracy": clean["variants"]["model"]["test"]["balanced_accuracy"],
+            "test/balanced_accuracy": metrics["variants"]["model"]["test"]["balanced_accuracy"],
         }
     )
-    tracker.log_table("variants", evaluation.comparison_rows(clean))
+    tracker.log_table("variants", evaluation.comparison_rows(metrics))
     tracker.log_images({p.stem: p for p in folder.local.glob("*.png")})
     tracker.log_model(
         folder.path("model"), config.output.model_name, config.data.data_tag, lineage["data"]["manifest_sha256"]

@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.compression [--image-size 64] [--modes float32 dynamic float16 int8]
     .venv/bin/python -m bench.compression --metrics outputs/base_model/RUN/metrics.json   # a run's table
 
-Variants are built with `utilities.model_compression` / `utilities.model_quantization` (untrained
-weights: latency and size do not depend on what was learnt, except that pruning needs its zeros, so
-the pruned copy runs a few steps under its schedule until the target sparsity is reached).
+Variants are built with `utilities.compression` (`pruning.prune`, `distillation.build_student`,
+`quantization.export`) on untrained weights: latency and size do not depend on what was learnt, except
+that pruning needs its zeros, so the pruned copy runs a few steps under its schedule until the target
+sparsity is reached.
 Latency: one example per call, `PREDICT_CALLS` calls per round, every variant round-robin in one
 process; milliseconds per call (median of rounds). Sizes: `utilities.evaluation.artifact_size`.
 """
@@ -33,28 +34,25 @@ STUDENT_FILTERS = 32
 Predict = Callable[[dict[str, Any]], np.ndarray]
 
 
-def _pruned(model: tf_keras.Model, train) -> tf_keras.Model:
-    import tensorflow_model_optimization as tfmot
+def _pruned(model: tf_keras.Model, datasets: data.Datasets) -> tf_keras.Model:
+    from utilities.compression import pruning
 
-    from utilities.model import compile_model
-    from utilities.model_compression import build_pruned_model, pruning_schedule
-
-    pruned, _ = build_pruned_model(model, pruning_schedule(TARGET_SPARSITY, PRUNE_STEPS))
-    compile_model(pruned, 1e-5)
-    pruned.fit(train.take(PRUNE_STEPS), callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
-    return tfmot.sparsity.keras.strip_pruning(pruned)
+    stripped, _ = pruning.prune(
+        model, datasets, target_sparsity=TARGET_SPARSITY, epochs=1, learning_rate=1e-5, steps_per_epoch=PRUNE_STEPS
+    )
+    return stripped
 
 
 def build_variants(args: argparse.Namespace, datasets: data.Datasets, folder: Path) -> dict[str, tuple[Predict, Path]]:
     """name → (batch predictor, exported artifact)."""
-    from utilities import model_quantization as mq
     from utilities import variant_eval
-    from utilities.model_compression import build_student
+    from utilities.compression import quantization as mq
+    from utilities.compression.distillation import build_student
 
     model = common.job_model(args.image_size, fine_tune=False)
     keras_models = {"model": model}
     if args.pruned:
-        keras_models["pruned"] = _pruned(model, datasets.train)
+        keras_models["pruned"] = _pruned(model, datasets)
     keras_models["student"] = build_student(args.image_size, STUDENT_FILTERS)
     variants: dict[str, tuple[Predict, Path]] = {}
     for name, keras_model in keras_models.items():
@@ -140,7 +138,7 @@ def _mb(value: int | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utilities.model_quantization import MODES
+    from utilities.compression.quantization import MODES
 
     parser = common.parser("compression", __doc__, repeats=5)
     parser.add_argument(

@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.distill [--images 640] [--image-size 64]
 
-Both paths come from `utilities.model_compression` and train the same student against the job's
-frozen DenseNet121 teacher with the same loss (`DistillationLoss`): side "fit" is `Distiller.fit`
-(what one replica runs), side "custom_loop" is `ReplicaLoop.train_step` over the distributed dataset
-(what several replicas run; here the default strategy, one replica). Train epochs only, first
-excluded. Target: custom_loop / fit ≥ 0.9.
+Both paths come from `utilities.compression` (`distillation`, `replica_loop`) and train the same
+student against the job's frozen DenseNet121 teacher with the same loss (`DistillationLoss`): side
+"fit" is `Distiller.fit` (what one replica runs), side "custom_loop" is `ReplicaLoop.train_step` over
+the distributed dataset (what several replicas run; here the default strategy, one replica). Train
+epochs only, first excluded. Target: custom_loop / fit ≥ 0.9.
 """
 
 from __future__ import annotations
@@ -47,15 +47,15 @@ def _loop_side(loop: Any, train: tf.data.Dataset, strategy: tf.distribute.Strate
 
 def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any]:
     try:
-        from utilities.model_compression import (
+        from utilities.compression.distillation import (
             DistillationLoss,
             Distiller,
-            ReplicaLoop,
             build_student,
             class_weight_vector,
         )
+        from utilities.compression.replica_loop import ReplicaLoop
     except ImportError as err:  # written in parallel: measure when it exposes what we need
-        return {"skipped": f"utilities.model_compression lacks the distillation API: {err}"}
+        return {"skipped": f"utilities.compression lacks the distillation API: {err}"}
     datasets = data.build_datasets(
         bench_data.shards, image_size=args.image_size, global_batch_size=args.batch_size, seed=0, augment=True
     )

@@ -16,6 +16,8 @@ from utilities.callbacks import (
     PreemptionWatch,
     ProgressLog,
     ResumeProbe,
+    epoch_row,
+    fit_callbacks,
     resume_position,
 )
 
@@ -64,3 +66,26 @@ def test_a_preempted_fit_saves_the_step_and_resumes_after_it(tmp_path):
     probe = ResumeProbe()
     _tiny().fit(x, y, batch_size=2, epochs=2, callbacks=[probe, Backup(str(tmp_path))], verbose=0)
     assert probe.start_epoch == 0 and resume_position(str(tmp_path), 4) == (2, 0)  # the end: nothing left
+
+
+def test_fit_callbacks_restore_first_backup_last_and_early_stopping_only_with_patience(tmp_path):
+    """The one order every fit path uses: a restore before the hooks that read restored state, Backup last."""
+    hook, logger, backup = ResumeProbe(), tf_keras.callbacks.Callback(), Backup(str(tmp_path / "backup"))
+    verbose, callbacks = fit_callbacks(
+        "distillation", restore_dir=tmp_path / "restore", hooks=[hook], loggers=[logger], patience=2, backup=backup
+    )
+    assert verbose in (1, 2)
+    assert type(callbacks[0]) is tf_keras.callbacks.BackupAndRestore and callbacks[1] is hook
+    assert isinstance(callbacks[2], NanGuard) and callbacks[2].what == "distillation" and callbacks[3] is logger
+    assert isinstance(callbacks[4], tf_keras.callbacks.EarlyStopping) and callbacks[-1] is backup
+    _, plain = fit_callbacks(history_csv=tmp_path / "history.csv")
+    assert isinstance(plain[0], NanGuard) and isinstance(plain[1], tf_keras.callbacks.CSVLogger)
+    assert not any(isinstance(c, tf_keras.callbacks.EarlyStopping | tf_keras.callbacks.BackupAndRestore) for c in plain)
+
+
+def test_epoch_logger_rows_split_train_and_val_under_a_prefix():
+    assert epoch_row("pruned", 1, {"loss": 0.5, "val_balanced_accuracy": 0.75}) == {
+        "pruned/epoch": 1,
+        "pruned/train/loss": 0.5,
+        "pruned/val/balanced_accuracy": 0.75,
+    }

@@ -20,8 +20,8 @@ import pytest
 import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Keras 2
 import tf_keras
 
-from utilities import evaluation, variant_eval
-from utilities import model_compression as mc
+from utilities import compression, evaluation, variant_eval
+from utilities.compression import distillation, pruning, replica_loop
 from utilities.config import CompressionConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model, save_model
 
@@ -140,7 +140,7 @@ class Folder:
 
 
 def batchnorm_layers(model: tf_keras.Model) -> list[tf_keras.layers.BatchNormalization]:
-    return [layer for _, layer in mc.walk_layers(model) if isinstance(layer, tf_keras.layers.BatchNormalization)]
+    return [layer for _, layer in pruning.walk_layers(model) if isinstance(layer, tf_keras.layers.BatchNormalization)]
 
 
 def snapshot(model: tf_keras.Model) -> list[np.ndarray]:
@@ -153,7 +153,7 @@ def unchanged(before: list[np.ndarray], model: tf_keras.Model) -> bool:
 
 def student(filters: int = 8, dropout: float = 0.0, seed: int = 0) -> tf_keras.Model:
     tf_keras.utils.set_random_seed(seed)
-    return mc.build_student(SIZE, filters, dropout)
+    return distillation.build_student(SIZE, filters, dropout)
 
 
 # ---------------------------------------------------------------------- input checks
@@ -178,21 +178,21 @@ def test_check_inputs_rejects_bad_combinations_with_one_line_errors(tmp_path):
     ]
     for config, train_examples, error, text in cases:
         with pytest.raises(error) as info:
-            mc.check_inputs(config, train_examples)
+            compression.check_inputs(config, train_examples)
         assert text in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="--teacher is only used with"):  # a config rule: refused by cli.py
         _config(teacher=str(corrupt))
-    mc.check_inputs(_config(quantize=("int8",)), 10)  # fine with data
-    mc.check_inputs(_config(quantize=("dynamic",)), 0)  # dynamic range needs no calibration
+    compression.check_inputs(_config(quantize=("int8",)), 10)  # fine with data
+    compression.check_inputs(_config(quantize=("dynamic",)), 0)  # dynamic range needs no calibration
 
 
 def test_teacher_with_the_wrong_input_size_is_rejected(tmp_path):
     path = tmp_path / "teacher"
-    mc.build_student(64, 4).save(str(path))
+    distillation.build_student(64, 4).save(str(path))
     with pytest.raises(ModelError, match=r"takes .* expected") as info:
-        mc.check_inputs(_config(distill=True, teacher=str(path)))
+        compression.check_inputs(_config(distill=True, teacher=str(path)))
     assert "\n" not in str(info.value)
-    mc.load_teacher(str(path), 64)  # the right size loads
+    distillation.load_teacher(str(path), 64)  # the right size loads
 
 
 # ---------------------------------------------------------------------- pruning
@@ -200,12 +200,12 @@ def test_teacher_with_the_wrong_input_size_is_rejected(tmp_path):
 
 def test_pruning_schedule_reaches_the_target_on_its_last_mask_update():
     for total in (2, 8, 50, 625, 10_000):
-        schedule = mc.pruning_schedule(0.6, total)
+        schedule = pruning.pruning_schedule(0.6, total)
         should_prune, sparsity = schedule(tf.constant(schedule.end_step, tf.int64))
         assert bool(should_prune) and float(sparsity) == pytest.approx(0.6)
-        assert 1 <= schedule.end_step <= total * mc.PRUNE_RAMP
-    with pytest.raises(mc.CompressionError, match="at least 2 training steps"):
-        mc.pruning_schedule(0.5, 1)
+        assert 1 <= schedule.end_step <= total * pruning.PRUNE_RAMP
+    with pytest.raises(pruning.CompressionError, match="at least 2 training steps"):
+        pruning.pruning_schedule(0.5, 1)
 
 
 def test_pruned_copy_predicts_like_the_float_model_before_any_pruning_step():
@@ -214,7 +214,7 @@ def test_pruned_copy_predicts_like_the_float_model_before_any_pruning_step():
     features, _ = next(iter(datasets.val))
     frozen, fine_tuned = trained_tiny_model(datasets, epochs=1), fine_tuned_tiny_model(datasets, 3e-3, epochs=1)
     for model, train_batchnorm in ((frozen, False), (fine_tuned, True)):
-        pruned, wrapped = mc.build_pruned_model(model, mc.pruning_schedule(0.5, 10), train_batchnorm)
+        pruned, wrapped = pruning.build_pruned_model(model, pruning.pruning_schedule(0.5, 10), train_batchnorm)
         np.testing.assert_allclose(pruned(features, training=False), model(features, training=False), atol=1e-6)
         batchnorm = batchnorm_layers(pruned)
         assert len(batchnorm) == 3 and all(layer.trainable == train_batchnorm for layer in batchnorm)
@@ -230,31 +230,42 @@ def test_a_mixed_precision_model_is_pruned_in_float32_and_pruning_and_distillati
     datasets = toy_datasets(n_train=32, n_eval=16)
     model = tiny_model()
     assert model.get_layer("image_logits").compute_dtype == "float16"
-    pruned, layer_ids = mc.build_pruned_model(model, mc.pruning_schedule(0.5, 4))
-    assert {layer.compute_dtype for _, layer in mc.walk_layers(pruned)} == {"float32"}
+    pruned, layer_ids = pruning.build_pruned_model(model, pruning.pruning_schedule(0.5, 4))
+    assert {layer.compute_dtype for _, layer in pruning.walk_layers(pruned)} == {"float32"}
     compile_model(pruned, 1e-4, jit=True)  # as the pruning step compiles it under --jit
     pruned.fit(datasets.train, epochs=2, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
-    assert mc.overall_sparsity(tfmot.sparsity.keras.strip_pruning(pruned), layer_ids) == pytest.approx(0.5, abs=0.01)
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    assert pruning.overall_sparsity(stripped, layer_ids) == pytest.approx(0.5, abs=0.01)
 
-    loss_fn = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
-    summary = mc.train_student(
+    loss_fn = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
+    summary = distillation.train_student(
         student(), model, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=1, patience=0,
         checkpoint_dir=tmp_path, tracker=ListTracker(), jit=True,
     )  # fmt: skip
     assert summary["epochs_run"] == 1
 
 
-def test_pruning_fine_tunes_at_a_tenth_of_the_rate_with_batchnorm_as_the_backbone_was_trained(tmp_path):
+def test_pruning_fine_tunes_at_a_tenth_of_the_rate_with_batchnorm_as_the_backbone_was_trained(tmp_path, monkeypatch):
     """The demo-data collapse (val balanced accuracy 0.77 → 0.125): full training rate, BatchNorm frozen."""
     datasets = toy_datasets(n_train=32, n_eval=16)
     model = fine_tuned_tiny_model(datasets, 3e-3, epochs=1)
+    compiled: list[tf_keras.Model] = []
+
+    class Fitting(Exception):
+        """The step got as far as its fine-tune."""
+
+    def capture(pruned, *args):  # the model the pruning step is about to fine-tune, compiled
+        compiled.append(pruned)
+        raise Fitting
+
+    monkeypatch.setattr(pruning, "fine_tune", capture)
     for fine_tune in (False, True):
         config = _run_config(prune=True).replace(model={"fine_tune": fine_tune}, train={"learning_rate": 3e-3})
-        ctx = mc.Context(config, model, datasets, Folder(tmp_path), tf.distribute.get_strategy(), ListTracker(), {})
-        step = mc.PruningStep()
-        step.prepare(ctx)
-        assert float(step.model.optimizer.learning_rate) == pytest.approx(3e-3 * mc.PRUNE_LR_FACTOR)
-        assert all(layer.trainable == fine_tune for layer in batchnorm_layers(step.model))
+        step = pruning.Pruning(config, Folder(tmp_path).checkpoints, ListTracker())
+        with pytest.raises(Fitting):
+            step.produce(model, datasets, tf.distribute.get_strategy())
+        assert float(compiled[-1].optimizer.learning_rate) == pytest.approx(3e-3 * pruning.PRUNE_LR_FACTOR)
+        assert all(layer.trainable == fine_tune for layer in batchnorm_layers(compiled[-1]))
 
 
 @pytest.mark.slow
@@ -265,8 +276,8 @@ def test_pruning_reaches_target_sparsity_strips_wrappers_and_shrinks_gzip(tmp_pa
     datasets = toy_datasets()
     model = trained_tiny_model(datasets)
     before = snapshot(model)
-    schedule = mc.pruning_schedule(0.7, datasets.steps_per_epoch["train"] * 2)
-    pruned, wrapped = mc.build_pruned_model(model, schedule)
+    schedule = pruning.pruning_schedule(0.7, datasets.steps_per_epoch["train"] * 2)
+    pruned, wrapped = pruning.build_pruned_model(model, schedule)
     compile_model(pruned, 1e-3)
     pruned.fit(
         datasets.train,
@@ -277,13 +288,13 @@ def test_pruning_reaches_target_sparsity_strips_wrappers_and_shrinks_gzip(tmp_pa
     )
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
 
-    sparsity = mc.measure_sparsity(stripped, wrapped)
+    sparsity = pruning.measure_sparsity(stripped, wrapped)
     # conv0 (864 weights) and the 8-wide heads are below MIN_PRUNE_WEIGHTS; the fusion layer is never wrapped
     assert set(sparsity) == {"backbone/conv1", "backbone/conv2", "metadata_dense"}
     # tfmot keeps round(n·(1-s)) weights: the target up to one weight (< 1e-3 for these kernels)
     assert all(value >= 0.7 - 1e-3 for value in sparsity.values()), sparsity
-    assert not any(isinstance(layer, PruneLowMagnitude) for _, layer in mc.walk_layers(stripped))
-    assert any(isinstance(layer, PruneLowMagnitude) for _, layer in mc.walk_layers(pruned))
+    assert not any(isinstance(layer, PruneLowMagnitude) for _, layer in pruning.walk_layers(stripped))
+    assert any(isinstance(layer, PruneLowMagnitude) for _, layer in pruning.walk_layers(pruned))
     assert unchanged(before, model)  # the float model is not the one being pruned
     save_model(model, tmp_path / "float")
     save_model(stripped, tmp_path / "pruned")
@@ -299,11 +310,11 @@ def test_distillation_loss_combines_softened_kl_and_weighted_hard_labels():
     teacher = tf.nn.softmax(tf.constant(np.random.default_rng(0).normal(size=(2, 8)), tf.float32))
     student_probs = tf.nn.softmax(tf.constant(np.random.default_rng(1).normal(size=(2, 8)), tf.float32))
     weights = [2.0, 1, 3.0, 1, 1, 1, 1, 1]
-    hard = mc.DistillationLoss(4.0, 1.0, weights)(labels, teacher, student_probs).numpy()
+    hard = distillation.DistillationLoss(4.0, 1.0, weights)(labels, teacher, student_probs).numpy()
     expected_hard = -np.log(student_probs.numpy()[[0, 1], [0, 2]]) * np.array([2.0, 3.0])
     np.testing.assert_allclose(hard, expected_hard, rtol=1e-5)
     # Soft term: KL between p^(1/T)-normalised distributions, times T², zero when student == teacher.
-    soft = mc.DistillationLoss(4.0, 0.0, weights)
+    soft = distillation.DistillationLoss(4.0, 0.0, weights)
     assert np.allclose(soft(labels, teacher, teacher).numpy(), 0.0, atol=1e-6)
     p_t = teacher.numpy() ** 0.25 / (teacher.numpy() ** 0.25).sum(1, keepdims=True)
     p_s = student_probs.numpy() ** 0.25 / (student_probs.numpy() ** 0.25).sum(1, keepdims=True)
@@ -318,16 +329,16 @@ def test_distiller_and_replica_loop_share_one_loss_and_update():
     datasets = toy_datasets(n_train=16, n_eval=16)
     batch = next(iter(datasets.train))
     teacher = student(filters=4, seed=1)
-    loss_fn = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
+    loss_fn = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
     keras_student, loop_student = student(), student()  # same seed: same initial weights
     loop_student.set_weights(keras_student.get_weights())
 
-    distiller = mc.Distiller(keras_student, teacher, loss_fn)
+    distiller = distillation.Distiller(keras_student, teacher, loss_fn)
     distiller.compile(optimizer=tf_keras.optimizers.Adam(1e-3))
     keras_loss = float(distiller.train_on_batch(*batch, return_dict=True)["loss"])
 
     strategy = tf.distribute.get_strategy()
-    loop = mc.ReplicaLoop(loop_student, teacher, loss_fn, strategy, 1e-3)
+    loop = replica_loop.ReplicaLoop(loop_student, teacher, loss_fn, strategy, 1e-3)
     distributed = next(iter(strategy.experimental_distribute_dataset(datasets.train)))
     loop_loss = loop.train_step(distributed)
 
@@ -342,7 +353,7 @@ def test_mixed_precision_student_outputs_float32_and_both_paths_scale_the_loss(m
     Adam would leave the weights where they are); with scaling both training paths move them alike."""
     datasets = toy_datasets(n_train=16, n_eval=16)
     batch = next(iter(datasets.train))
-    real = mc.DistillationLoss(3.0, 0.3, mc.class_weight_vector(datasets.class_weights))
+    real = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
 
     def tiny_loss(labels, teacher_probs, student_probs):
         return 1e-5 * real(labels, teacher_probs, student_probs)
@@ -355,14 +366,14 @@ def test_mixed_precision_student_outputs_float32_and_both_paths_scale_the_loss(m
     assert keras_student(batch[0], training=False).dtype == tf.float32  # the fusion layer stays float32
     before = conv.kernel.numpy().copy()
     with tf.GradientTape() as tape:  # the premise: unscaled, every gradient of the first conv is 0
-        loss, _ = mc.batch_loss(keras_student, teacher, tiny_loss, batch[0], batch[1], None, True)
+        loss, _ = distillation.batch_loss(keras_student, teacher, tiny_loss, batch[0], batch[1], None, True)
     assert not np.any(tape.gradient(loss, conv.kernel).numpy())
 
-    distiller = mc.Distiller(keras_student, teacher, tiny_loss)
+    distiller = distillation.Distiller(keras_student, teacher, tiny_loss)
     distiller.compile(optimizer=tf_keras.optimizers.Adam(1e-3))
     distiller.train_on_batch(*batch)
     strategy = tf.distribute.get_strategy()
-    loop = mc.ReplicaLoop(loop_student, teacher, tiny_loss, strategy, 1e-3)
+    loop = replica_loop.ReplicaLoop(loop_student, teacher, tiny_loss, strategy, 1e-3)
     loop.train_step(next(iter(strategy.experimental_distribute_dataset(datasets.train))))
 
     for optimizer in (distiller.optimizer, loop.optimizer):
@@ -384,8 +395,8 @@ def test_student_batchnorm_statistics_settle_within_a_short_run(tmp_path):
     while train accuracy rose to 0.89); with the student's 0.9 it is ~12 % off."""
     datasets = toy_datasets(n_train=128, n_eval=16)  # 8 steps per epoch
     pupil = student()
-    loss_fn = mc.DistillationLoss(1.0, 1.0, mc.class_weight_vector(datasets.class_weights))
-    mc.train_student(
+    loss_fn = distillation.DistillationLoss(1.0, 1.0, distillation.class_weight_vector(datasets.class_weights))
+    distillation.train_student(
         pupil, None, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=3, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=ListTracker(),
     )  # fmt: skip
@@ -403,8 +414,8 @@ def test_distiller_keeps_teacher_fixed_logs_epochs_and_saves_a_reloadable_studen
     teacher = trained_tiny_model(datasets)
     before = snapshot(teacher)
     pupil, tracker = student(), ListTracker()
-    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
-    summary = mc.train_student(
+    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    summary = distillation.train_student(
         pupil, teacher, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=tracker,
     )  # fmt: skip
@@ -424,31 +435,34 @@ def test_replica_loop_checkpoints_each_epoch_and_a_rerun_resumes(tmp_path):
     datasets = toy_datasets(n_train=64, n_eval=32)
     teacher = student(filters=4, seed=1)
     before = snapshot(teacher)
-    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
+    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
     common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path / "ckpt", force_loop=True)
 
-    first = mc.train_student(student(), teacher, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
+    first = distillation.train_student(student(), teacher, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
     tracker = ListTracker()
-    second = mc.train_student(student(seed=5), teacher, loss_fn, datasets, epochs=2, tracker=tracker, **common)
+    second = distillation.train_student(
+        student(seed=5), teacher, loss_fn, datasets, epochs=2, tracker=tracker, **common
+    )
 
     assert first["resumed_from_epoch"] == 0 and first["epochs_run"] == 1
     assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
     assert [row["student/epoch"] for row in tracker.rows] == [1]  # only the missing epoch ran
     assert unchanged(before, teacher)
-    with pytest.raises(mc.CompressionError, match="does not match this student and optimizer"):
-        mc.train_student(student(filters=4), teacher, loss_fn, datasets, epochs=3, tracker=tracker, **common)
+    with pytest.raises(replica_loop.CompressionError, match="does not match this student and optimizer"):
+        distillation.train_student(student(filters=4), teacher, loss_fn, datasets, epochs=3, tracker=tracker, **common)
 
 
 def test_resuming_a_float32_loop_checkpoint_with_mixed_precision_fails_in_one_line(mixed_precision, tmp_path):
     from utilities.model import float32_policy
 
     datasets = toy_datasets(n_train=16, n_eval=16)
-    loss_fn = mc.DistillationLoss(4.0, 1.0, mc.class_weight_vector(datasets.class_weights))  # no teacher
+    weights = distillation.class_weight_vector(datasets.class_weights)
+    loss_fn = distillation.DistillationLoss(4.0, 1.0, weights)  # no teacher
     common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path, force_loop=True)
     with float32_policy():  # written without loss scaling
-        mc.train_student(student(), None, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
-    with pytest.raises(mc.CompressionError, match="does not match this student and optimizer") as caught:
-        mc.train_student(student(), None, loss_fn, datasets, epochs=2, tracker=ListTracker(), **common)
+        distillation.train_student(student(), None, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
+    with pytest.raises(replica_loop.CompressionError, match="does not match this student and optimizer") as caught:
+        distillation.train_student(student(), None, loss_fn, datasets, epochs=2, tracker=ListTracker(), **common)
     assert "\n" not in str(caught.value)
 
 
@@ -456,8 +470,9 @@ def test_resuming_a_float32_loop_checkpoint_with_mixed_precision_fails_in_one_li
 def test_replica_loop_stops_early_and_restores_the_best_student(tmp_path):
     datasets = toy_datasets(n_train=64, n_eval=32)
     pupil = student()
-    loss_fn = mc.DistillationLoss(1.0, 1.0, mc.class_weight_vector(datasets.class_weights))
-    loop = mc.ReplicaLoop(pupil, None, loss_fn, tf.distribute.get_strategy(), learning_rate=0.05)  # a noisy climb
+    loss_fn = distillation.DistillationLoss(1.0, 1.0, distillation.class_weight_vector(datasets.class_weights))
+    strategy = tf.distribute.get_strategy()
+    loop = replica_loop.ReplicaLoop(pupil, None, loss_fn, strategy, learning_rate=0.05)  # a noisy climb
     scores: list[float] = []
     summary = loop.fit(
         datasets, 6, 1, tmp_path / "ckpt", lambda epoch, logs: scores.append(logs["val_balanced_accuracy"])
@@ -484,8 +499,8 @@ def test_student_epochs_reach_the_wandb_offline_history(tmp_path, monkeypatch):
         TrackingConfig(enabled=True, mode="offline", wandb_dir=str(tmp_path)), "student-test", "run1", {}, is_chief=True
     )
     tracker.log({"epoch/loss": 1.0})  # the main fit already advanced W&B's step
-    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
-    mc.train_student(
+    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    distillation.train_student(
         student(), student(seed=1), loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=tracker, force_loop=True,
     )  # fmt: skip
@@ -513,7 +528,8 @@ _TWO_REPLICAS = textwrap.dedent(
     distribution.configure_devices(2)  # before any TensorFlow op
     import tensorflow as tf
     from tests.test_compression import Folder, ListTracker, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
-    from utilities import model_compression as mc
+    from utilities import compression
+    from utilities.compression import distillation, replica_loop
 
     strategy = distribution.build_strategy(2, None)
     datasets = toy_datasets(n_train=64, n_eval=32, batch=16)
@@ -524,14 +540,14 @@ _TWO_REPLICAS = textwrap.dedent(
 
     # The whole pruning step (clone inside the scope, fine-tune, strip, save) and TFLite export.
     config = _run_config(prune=True, prune_epochs=2, quantize=("dynamic",))
-    variants = mc.run_variants(config, teacher, datasets, Folder(Path({tmp!r})), strategy, ListTracker())
-    out["variants"] = {{name: {{k: v for k, v in d.items() if not k.startswith("_")}} for name, d in variants.items()}}
+    variants = compression.run_variants(config, teacher, datasets, Folder(Path({tmp!r})), strategy, ListTracker())
+    out["variants"] = {{name: result.metrics for name, result in variants.items()}}
 
     # The per-replica distillation loop, with its batch-size hook.
     with strategy.scope():
-        student = mc.build_student(32, 8, 0.0)
-    loss_fn = mc.DistillationLoss(4.0, 0.1, mc.class_weight_vector(datasets.class_weights))
-    loop = mc.ReplicaLoop(student, teacher, loss_fn, strategy, 1e-3)
+        student = distillation.build_student(32, 8, 0.0)
+    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    loop = replica_loop.ReplicaLoop(student, teacher, loss_fn, strategy, 1e-3)
     logs = []
     summary = loop.fit(datasets, 2, 0, Path({tmp!r}) / "loop", lambda epoch, row: logs.append(row))
     out.update(replica_batch_sizes=loop.replica_batch_sizes, teacher_unchanged=unchanged(before, teacher))
@@ -586,11 +602,12 @@ def test_run_variants_records_a_failing_variant_and_keeps_the_others(tmp_path, m
     def broken_student(*args, **kwargs):
         raise RuntimeError("disk full\nsecond line")
 
-    monkeypatch.setattr(mc, "build_student", broken_student)
+    monkeypatch.setattr(distillation, "build_student", broken_student)
     config = _run_config(prune=True, prune_epochs=2, distill=True, quantize=("dynamic",))
-    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
+    results = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
+    variants = {name: result.metrics for name, result in results.items()}
 
-    assert variants["student"] == {"error": "RuntimeError: disk full"}
+    assert variants["student"] == {"error": "RuntimeError: disk full"} and not results["student"].probabilities
     assert "variant student failed: RuntimeError: disk full" in caplog.text
     assert set(variants) == {"pruned", "student", "model_dynamic", "pruned_dynamic"}
     for name, artifact in (
@@ -605,7 +622,7 @@ def test_run_variants_records_a_failing_variant_and_keeps_the_others(tmp_path, m
     assert variants["model_dynamic"]["agreement"] >= 0.9
     reloaded = load_model(folder.path("pruned"))  # a plain model again: no pruning wrappers to register
     features, _ = next(iter(datasets.val))
-    np.testing.assert_allclose(reloaded(features).numpy(), variants["pruned"]["_val_probs"][:16], atol=1e-5)
+    np.testing.assert_allclose(reloaded(features).numpy(), results["pruned"].probabilities["val"][:16], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -615,9 +632,10 @@ def test_run_variants_distills_from_a_teacher_file_and_quantizes_the_student(tmp
     model.save(str(tmp_path / "teacher"))
     folder = Folder(tmp_path / "run")
     config = _run_config(distill=True, teacher=str(tmp_path / "teacher"), student_epochs=2, quantize=("int8",))
-    mc.check_inputs(config, train_examples=64)  # what training.run does before fitting
+    compression.check_inputs(config, train_examples=64)  # what training.run does before fitting
     tracker = ListTracker()
-    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), tracker)
+    results = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), tracker)
+    variants = {name: result.metrics for name, result in results.items()}
 
     assert set(variants) == {"student", "model_int8", "student_int8"}
     assert all("error" not in v for v in variants.values()), variants
@@ -642,8 +660,8 @@ def test_densenet_model_pruned_in_backbone_and_heads_shrinks_gzip(tmp_path):
     compile_model(model, 1e-3)
     folder = Folder(tmp_path)
     model.save(str(folder.path("model")))
-    variants = mc.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
-    pruned = variants["pruned"]
+    variants = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
+    pruned = variants["pruned"].metrics
     assert "error" not in pruned, pruned
     backbone_layers = [name for name in pruned["sparsity"] if name.startswith("densenet121/")]
     assert len(backbone_layers) == 120 and "image_logits" in pruned["sparsity"]
@@ -659,19 +677,18 @@ def test_distilled_and_scratch_students_both_learn(tmp_path, record_property):
     """Student vs teacher vs the same student from scratch (alpha=1, no teacher); numbers for the report."""
     datasets = toy_datasets(n_train=192, n_eval=96)
     teacher = trained_tiny_model(datasets, epochs=4)
-    weights = mc.class_weight_vector(datasets.class_weights)
+    weights = distillation.class_weight_vector(datasets.class_weights)
     common = dict(strategy=tf.distribute.get_strategy(), epochs=4, patience=0, tracker=ListTracker())
     distilled, scratch = student(filters=16), student(filters=16)
-    mc.train_student(
-        distilled, teacher, mc.DistillationLoss(4.0, 0.1, weights), datasets, checkpoint_dir=tmp_path / "d", **common
-    )
-    mc.train_student(
-        scratch, None, mc.DistillationLoss(4.0, 1.0, weights), datasets, checkpoint_dir=tmp_path / "s", **common
-    )
-    scores = {
-        name: variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(m), datasets)["test"]["balanced_accuracy"]
-        for name, m in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))
-    }
+    for pupil, mentor, alpha, folder in ((distilled, teacher, 0.1, "d"), (scratch, None, 1.0, "s")):
+        loss_fn = distillation.DistillationLoss(4.0, alpha, weights)
+        distillation.train_student(pupil, mentor, loss_fn, datasets, checkpoint_dir=tmp_path / folder, **common)
+
+    def score(model: tf_keras.Model) -> float:
+        result = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets)
+        return result.metrics["test"]["balanced_accuracy"]
+
+    scores = {name: score(m) for name, m in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
     record_property("test_balanced_accuracy", scores)
     print(f"\ntest balanced accuracy: {scores}")
     assert scores["distilled"] > 0.3 and scores["scratch"] > 0.3  # chance is 0.125

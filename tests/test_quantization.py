@@ -11,9 +11,9 @@ import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Ke
 import tf_keras
 
 from tests.test_compression import SIZE, toy_datasets
-from utilities import model_compression as mc
-from utilities import model_quantization as mq
 from utilities import variant_eval
+from utilities.compression import distillation
+from utilities.compression import quantization as mq
 from utilities.model import compile_model
 
 
@@ -22,7 +22,7 @@ def trained():
     """A student-sized model trained to confident predictions on learnable toy data."""
     datasets = toy_datasets(n_train=192, n_eval=64)
     tf_keras.utils.set_random_seed(0)
-    model = mc.build_student(SIZE, filters=48, dropout=0.0)  # ~215k weights: TFLite graph overhead is small
+    model = distillation.build_student(SIZE, filters=48, dropout=0.0)  # ~215k weights: TFLite graph overhead is small
     compile_model(model, 3e-3)
     model.fit(datasets.train, epochs=4, class_weight=datasets.class_weights, verbose=0)
     reference = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets)
@@ -30,7 +30,7 @@ def trained():
 
 
 def test_unknown_mode_and_int8_without_training_examples_fail_in_one_line():
-    model = mc.build_student(SIZE, filters=4)
+    model = distillation.build_student(SIZE, filters=4)
     with pytest.raises(mq.QuantizationError, match="unknown quantization mode 'int4'"):
         mq.convert(model, "int4")
     empty = toy_datasets(n_train=16).train.take(0)
@@ -60,7 +60,9 @@ def test_int8_is_much_smaller_and_agrees_with_the_float_model(trained, tmp_path)
     ratio = float_path.stat().st_size / int8_path.stat().st_size
     assert ratio >= 3.5, f"int8 only {ratio:.2f}x smaller than float TFLite"
     assert keras_weight_bytes / int8_path.stat().st_size >= 3.5
-    result = variant_eval.evaluate_variant(mq.tflite_predict_fn(int8_path), datasets, int8_path, None, reference)
+    result = variant_eval.evaluate_variant(
+        mq.tflite_predict_fn(int8_path), datasets, int8_path, None, reference
+    ).metrics
     print(
         f"\nint8: {ratio:.2f}x smaller, agreement {result['agreement']:.3f}, val bal acc {result['val']['balanced_accuracy']:.3f}"
     )
@@ -81,7 +83,9 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
         if mode == "float32":  # the same graph as Keras: same probabilities
             np.testing.assert_allclose(probs, model(features, training=False).numpy(), atol=1e-5)
-        agreement = variant_eval.evaluate_predict_fn(mq.tflite_predict_fn(path), datasets, reference)["agreement"]
+        agreement = variant_eval.evaluate_predict_fn(mq.tflite_predict_fn(path), datasets, reference).metrics[
+            "agreement"
+        ]
         assert agreement >= 0.95, (mode, agreement)
     assert sizes["float16"] < 0.6 * sizes["float32"]
     assert sizes["dynamic"] < 0.4 * sizes["float32"]
@@ -91,7 +95,7 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
 def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precision, tmp_path):
     datasets = toy_datasets(n_train=32, n_eval=16)
     tf_keras.utils.set_random_seed(0)
-    model = mc.build_student(SIZE, filters=8, dropout=0.0)
+    model = distillation.build_student(SIZE, filters=8, dropout=0.0)
     assert model.get_layer("block1_conv").compute_dtype == "float16"
     features, _ = next(iter(datasets.val))
     path = mq.export(model, "dynamic", tmp_path / "student_dynamic.tflite")  # float16 ops have no TFLite kernels

@@ -2,7 +2,8 @@
 and the SIGTERM watch that turns a preemption into a saved backup and a clean exit.
 
 probe = ResumeProbe()
-model.fit(..., callbacks=[probe, NanGuard("pruning"), ...])
+verbose, callbacks = fit_callbacks("distillation", restore_dir=ckpt, hooks=[probe], loggers=[EpochLogger(tracker, "student")])
+model.fit(..., callbacks=callbacks, verbose=verbose)
 probe.start_epoch   # the epoch fit started from (after BackupAndRestore restored its state)
 
 with PreemptionWatch() as watch:                      # SIGTERM → Preempted (BaseException)
@@ -19,7 +20,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 import tf_keras
@@ -68,6 +71,30 @@ class ResumeProbe(tf_keras.callbacks.Callback):
             self.start_epoch = epoch
 
 
+class EpochLogger(tf_keras.callbacks.Callback):
+    """Keras logs of each epoch → one tracker row `{prefix}/epoch`, `{prefix}/train/loss`, …"""
+
+    def __init__(self, tracker, prefix: str) -> None:
+        super().__init__()
+        self.tracker, self.prefix = tracker, prefix
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.tracker.log(epoch_row(self.prefix, epoch, logs or {}))
+
+
+def epoch_row(prefix: str, epoch: int, logs: Mapping[str, Any]) -> dict[str, float]:
+    """`loss`/`val_loss`-style keys → `{prefix}/train/loss`, `{prefix}/val/loss`, plus `{prefix}/epoch`.
+
+    No explicit W&B step: the main fit already advanced it, and rows with a smaller step are
+    dropped; `{prefix}/epoch` is the x-axis (as WandbMetricsLogger does with `epoch/epoch`).
+    """
+    row = {f"{prefix}/epoch": epoch}
+    for key, value in logs.items():
+        split, metric = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+        row[f"{prefix}/{split}/{metric}"] = float(value)
+    return row
+
+
 class ProgressLog(tf_keras.callbacks.Callback):
     """A `Progress` line every `seconds` (0: every step) inside each epoch: step, loss, rate and ETA.
 
@@ -97,6 +124,49 @@ def progress_display(seconds: float = 30.0, what: str = "training") -> tuple[int
     if sys.stdout.isatty():
         return 1, []
     return 2, [ProgressLog(seconds, what)]
+
+
+def fit_callbacks(
+    what: str = "training",
+    *,
+    progress_seconds: float = 30.0,
+    restore_dir: str | Path | None = None,
+    hooks: Sequence[tf_keras.callbacks.Callback] = (),
+    history_csv: str | Path | None = None,
+    loggers: Sequence[tf_keras.callbacks.Callback] = (),
+    patience: int = 0,
+    tensorboard_dir: str | None = None,
+    backup: tf_keras.callbacks.Callback | None = None,
+) -> tuple[int, list[tf_keras.callbacks.Callback]]:
+    """(fit's `verbose`, callbacks) for one `fit`, in the order they must run:
+
+    a `BackupAndRestore` on `restore_dir` first, so that `hooks` see the restored state at train begin
+    (tfmot's `UpdatePruningStep` reads the restored pruning step, a `ResumeProbe` the restored epoch);
+    `NanGuard(what)`; a `CSVLogger` appending to `history_csv`; `loggers` (the tracker's callbacks, an
+    `EpochLogger`); `EarlyStopping` on val balanced accuracy when `patience` > 0 (best weights restored at
+    the end); `TensorBoard` when a dir is given; the progress display; `backup` last, so that its final
+    save comes after EarlyStopping restored the best weights and a NaN step is never saved.
+    """
+    callbacks: list[tf_keras.callbacks.Callback] = []
+    if restore_dir is not None:
+        callbacks.append(tf_keras.callbacks.BackupAndRestore(str(restore_dir)))  # a rerun resumes
+    callbacks += [*hooks, NanGuard(what)]
+    if history_csv is not None:
+        callbacks.append(tf_keras.callbacks.CSVLogger(str(history_csv), append=True))
+    callbacks += loggers
+    if patience > 0:
+        callbacks.append(
+            tf_keras.callbacks.EarlyStopping(
+                monitor="val_balanced_accuracy", mode="max", patience=patience, restore_best_weights=True
+            )
+        )
+    if tensorboard_dir:
+        callbacks.append(tf_keras.callbacks.TensorBoard(tensorboard_dir))
+    verbose, progress = progress_display(progress_seconds, what)
+    callbacks += progress
+    if backup is not None:
+        callbacks.append(backup)
+    return verbose, callbacks
 
 
 class PreemptionWatch:

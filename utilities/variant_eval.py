@@ -1,14 +1,16 @@
 """Evaluate a model variant (Keras model, TFLite file, …) the same way: metrics, size, latency.
 
-Every variant's entry in metrics.json has `val` and `test` metric dicts (utilities.evaluation),
-`size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for compressed variants,
-`agreement` (top-1 agreement with the float model on validation). Keys starting with `_` hold
-arrays for later comparisons and are dropped before writing.
+Every variant's entry in metrics.json (`VariantResult.metrics`) has `val` and `test` metric dicts
+(utilities.evaluation), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
+compressed variants, `agreement` (top-1 agreement with the float model on validation). The
+predicted probabilities that agreement needs travel beside it (`VariantResult.probabilities`) and
+are never written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,16 @@ import tensorflow as tf
 from utilities import evaluation
 
 PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) → probs (B, 8)
+
+
+@dataclass
+class VariantResult:
+    """One evaluated variant: what metrics.json holds for it, and the probabilities later comparisons need (never written)."""
+
+    metrics: dict[
+        str, Any
+    ]  # val/test metric dicts, size_bytes, gzip_bytes, latency_ms, params, agreement, … or {"error": "..."}
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # split ("val", "test") → (N, 8)
 
 
 def keras_predict_fn(model) -> PredictFn:
@@ -32,37 +44,29 @@ def first_example(dataset) -> dict[str, tf.Tensor]:
     return features
 
 
-def evaluate_predict_fn(predict: PredictFn, datasets, reference: dict | None = None) -> dict[str, Any]:
+def evaluate_predict_fn(predict: PredictFn, datasets, reference: VariantResult | None = None) -> VariantResult:
     """Val and test metrics for any batch predictor; top-1 agreement with `reference`'s val probs."""
-    result: dict[str, Any] = {}
+    result = VariantResult({})
     for split in ("val", "test"):
         y_true, probs = evaluation.predict(predict, getattr(datasets, split))
-        result[split] = evaluation.compute_metrics(y_true, probs)
-        result[f"_{split}_probs"] = probs
+        result.metrics[split] = evaluation.compute_metrics(y_true, probs)
+        result.probabilities[split] = probs
     if reference is not None:
-        result["agreement"] = evaluation.agreement(reference["_val_probs"], result["_val_probs"])
+        result.metrics["agreement"] = evaluation.agreement(reference.probabilities["val"], result.probabilities["val"])
     return result
 
 
 def evaluate_variant(
-    predict: PredictFn, datasets, artifact: Path, params: int | None, reference: dict | None = None
-) -> dict[str, Any]:
+    predict: PredictFn, datasets, artifact: Path, params: int | None, reference: VariantResult | None = None
+) -> VariantResult:
     """Metrics plus size of the exported artifact and batch-1 latency (median of repeats)."""
     result = evaluate_predict_fn(predict, datasets, reference)
     one = first_example(datasets.val)
-    result.update(evaluation.artifact_size(artifact))
-    result["latency_ms"] = evaluation.latency_ms(lambda: predict(one))
-    result["params"] = params
+    result.metrics.update(evaluation.artifact_size(artifact))
+    result.metrics["latency_ms"] = evaluation.latency_ms(lambda: predict(one))
+    result.metrics["params"] = params
     return result
 
 
-def evaluate_keras(model, datasets, artifact: Path, reference: dict | None = None) -> dict[str, Any]:
+def evaluate_keras(model, datasets, artifact: Path, reference: VariantResult | None = None) -> VariantResult:
     return evaluate_variant(keras_predict_fn(model), datasets, artifact, int(model.count_params()), reference)
-
-
-def public(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json content: drop the arrays kept for agreement computations."""
-    variants = {
-        name: {k: v for k, v in values.items() if not k.startswith("_")} for name, values in metrics["variants"].items()
-    }
-    return {**metrics, "variants": variants}

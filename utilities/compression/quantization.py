@@ -1,8 +1,11 @@
 """TFLite export (dynamic-range, float16, int8) and evaluation of the `.tflite` files with LiteRT.
 
-    from utilities import model_quantization as mq
-    path = mq.export(model, "int8", folder.path("model_int8.tflite"), datasets.train)
-    metrics = variant_eval.evaluate_variant(mq.tflite_predict_fn(path), datasets, path, None, reference)
+    from utilities.compression import quantization
+    path = quantization.export(model, "int8", folder.path("model_int8.tflite"), datasets.train)
+    result = variant_eval.evaluate_variant(quantization.tflite_predict_fn(path), datasets, path, None, reference)
+
+`Quantization(mode)` is the job's step: it only converts (`produce` → flatbuffer bytes); the driver
+(`utilities.compression`) writes `{source}_{mode}.tflite` with `write_tflite` and evaluates it.
 
 Modes:
 - `dynamic`: weights stored as int8, activations float (no calibration data);
@@ -20,6 +23,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,30 +88,46 @@ def converter_for(
 def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | None = None) -> bytes:
     """The flatbuffer of `model` converted in `mode` (see the module docstring)."""
     converter = converter_for(model, mode, calibration)
+    # One opaque call, minutes for DenseNet121 on a CPU: say so before, and how long it took after.
+    log.info("converting %s to TFLite %s (DenseNet121 on a CPU: ~1-2 min)", model.name, mode)
+    started = time.monotonic()
     try:
         with warnings.catch_warnings():
             # TensorFlow's own calibrator uses the deprecated tf.lite.Interpreter, and float I/O around
             # an int8 graph is what we ask for; neither warning is actionable here.
             warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-            return converter.convert()
+            flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError, RuntimeError, …
         raise QuantizationError(f"TFLite {mode} conversion of {model.name!r} failed: {one_line(exc)}") from exc
+    log.info("converted %s to TFLite %s in %.0f s", model.name, mode, time.monotonic() - started)
+    return flatbuffer
 
 
-def export(model: tf_keras.Model, mode: str, path: Path, calibration: tf.data.Dataset | None = None) -> Path:
-    """Convert and write atomically (a half-written .tflite never appears under its final name)."""
-    # One opaque call, minutes for DenseNet121 on a CPU: say so before, and how long it took after.
-    log.info("converting %s to TFLite %s (DenseNet121 on a CPU: ~1-2 min)", model.name, mode)
-    started = time.monotonic()
-    flatbuffer = convert(model, mode, calibration)
+def write_tflite(path: Path, flatbuffer: bytes) -> Path:
+    """Write atomically (a half-written .tflite never appears under its final name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tflite.tmp")
     tmp.write_bytes(flatbuffer)
     tmp.replace(path)
-    log.info("wrote %s (%s bytes) in %.0f s", path.name, f"{len(flatbuffer):,}", time.monotonic() - started)
+    log.info("wrote %s (%s bytes)", path.name, f"{len(flatbuffer):,}")
     return path
+
+
+def export(model: tf_keras.Model, mode: str, path: Path, calibration: tf.data.Dataset | None = None) -> Path:
+    """Convert and write atomically."""
+    return write_tflite(path, convert(model, mode, calibration))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The `{source}_{mode}` variants' step: `model` converted in `mode`, int8 calibrated on `data.train`."""
+
+    mode: str
+
+    def produce(self, model: tf_keras.Model, data, strategy=None) -> tuple[bytes, dict[str, Any]]:
+        return convert(model, self.mode, data.train), {}
 
 
 def signature_runner(path: Path) -> Any:
@@ -143,10 +163,12 @@ def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
 __all__ = [
     "CALIBRATION_EXAMPLES",
     "MODES",
+    "Quantization",
     "QuantizationError",
     "convert",
     "export",
     "representative_dataset",
     "signature_runner",
     "tflite_predict_fn",
+    "write_tflite",
 ]
