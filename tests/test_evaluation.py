@@ -13,6 +13,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from utilities import evaluation as ev
+from utilities import report as rp
+from utilities.runs import DataRecord, RunRecord
 from utilities.schema import CLASS_NAMES, NUM_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,10 +155,10 @@ def _assert_png(path):
 
 def test_plots_write_pngs(tmp_path):
     cm = [[5, 1, 0, 0], [0, 3, 2, 0], [0, 0, 4, 0], [0, 0, 0, 0]]  # last class without support
-    _assert_png(ev.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"))
+    _assert_png(rp.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"))
     history = {"loss": [1.0, 0.7], "val_loss": [1.1, 0.9], "accuracy": [0.5, 0.6], "balanced_accuracy": [0.3, None]}
-    _assert_png(ev.plot_training_curves(history, tmp_path / "sub" / "curves.png"))
-    _assert_png(ev.plot_training_curves({}, tmp_path / "empty.png"))  # resumed run without history
+    _assert_png(rp.plot_training_curves(history, tmp_path / "sub" / "curves.png"))
+    _assert_png(rp.plot_training_curves({}, tmp_path / "empty.png"))  # resumed run without history
 
 
 def _metrics() -> dict:
@@ -174,7 +176,7 @@ def _metrics() -> dict:
 
 
 def test_comparison_rows_are_flat_and_tolerate_missing_keys():
-    rows = ev.comparison_rows(_metrics())
+    rows = rp.comparison_rows(_metrics())
     assert [r["variant"] for r in rows] == ["model", "int8"]
     assert rows[0]["test_balanced_accuracy"] == pytest.approx(13 / 18)
     assert rows[0]["latency_ms_median"] == 41.5 and rows[0]["latency_ms_p90"] == 44.0
@@ -184,17 +186,17 @@ def test_comparison_rows_are_flat_and_tolerate_missing_keys():
 
 
 def test_report_has_summary_tables_and_figures(tmp_path):
-    lineage = {
-        "config": {
-            "output": {"model_name": "base_model", "run_id": "20240101-abc"},
-            "data": {"data_tag": "dataset_v01"},
-        },
-        "manifest_sha256": "f" * 64,
-        "git_commit": "b4d23f8",
-        "devices": ["/cpu:0", "/cpu:1"],
-    }
+    record = RunRecord(
+        run_id="20240101-abc",
+        model_name="base_model",
+        uri="",
+        started="",
+        data=DataRecord(tag="dataset_v01", manifest="", manifest_sha256="f" * 64),
+        code={"git_commit": "b4d23f8"},
+        devices=["/cpu:0", "/cpu:1"],
+    )
     history = {"loss": [1.0, 0.8], "val_loss": [1.2, 1.0], "fusion/image": [0.5, 0.62], "fusion/metadata": [0.5, 0.38]}
-    path = ev.write_report(tmp_path / "run", _metrics(), lineage, history)
+    path = rp.write_report(tmp_path / "run", _metrics(), record, history)
 
     text = path.read_text()
     assert path.name == "report.md"
@@ -212,7 +214,7 @@ def test_report_has_summary_tables_and_figures(tmp_path):
 
 
 def test_report_without_test_metrics_or_history(tmp_path):
-    path = ev.write_report(tmp_path, {"variants": {"student": {"size_bytes": 1000}}}, {}, {})
+    path = rp.write_report(tmp_path, {"variants": {"student": {"size_bytes": 1000}}}, None, {})
     text = path.read_text()
     assert "| student | — |" in text
     assert "confusion_matrix.png" not in text and (tmp_path / "training_curves.png").exists()
@@ -224,11 +226,11 @@ def test_a_variant_answering_one_class_is_flagged_with_its_agreement(tmp_path):
     assert (constant["top_class"], constant["top_class_share"]) == ("B", 1.0)
     metrics = _metrics()
     metrics["variants"]["int8"] = {"val": constant, "agreement": 1.0}  # "agreement" with a constant model
-    (line,) = ev.collapse_warnings(metrics)
+    (line,) = rp.collapse_warnings(metrics)
     assert (
         line
         == "int8 predicts B for 100% of val (balanced accuracy 0.250); its agreement 1.000 with the float model means as little"
     )
-    text = ev.write_report(tmp_path, metrics, {}, {}).read_text()
+    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
     assert f"> **Warning:** {line}." in text
-    assert ev.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag
+    assert rp.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag

@@ -78,7 +78,7 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """A table of flat rows (e.g. `evaluation.comparison_rows`)."""
+        """A table of flat rows (e.g. `report.comparison_rows`)."""
 
     @abstractmethod
     def log_model(self, path: Path, name: str, data_tag: str | None, manifest_sha256: str | None) -> None:

@@ -35,7 +35,7 @@ import tf_keras
 from utilities import evaluation, variant_eval
 from utilities.compression import distillation, pruning, quantization
 from utilities.compression.distillation import load_teacher
-from utilities.config import Config, ConfigError
+from utilities.config import Config
 from utilities.errors import one_line
 from utilities.model import save_recalibrated
 from utilities.variant_eval import VariantResult
@@ -60,13 +60,9 @@ def check_inputs(config: Config, train_examples: int | None = None, load_teacher
     Raises ConfigError (bad combination) or ModelError (a `--teacher` that does not load or does not
     fit the data) with a one-line message. `train_examples=None` skips the data-dependent checks.
     """
+    if train_examples is not None:
+        config.check_train_examples(train_examples)
     c = config.compression
-    if train_examples == 0:
-        needs_train = [
-            flag for flag, on in (("-p", c.prune), ("-d", c.distill), ("-q int8", "int8" in c.quantize)) if on
-        ]
-        if needs_train:
-            raise ConfigError(f"{', '.join(needs_train)} need training examples, but the train split is empty")
     if c.distill and c.teacher and load_teacher_model:
         load_teacher(c.teacher, config.data.image_size)
 

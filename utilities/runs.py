@@ -1,0 +1,241 @@
+"""A run's folder and its record: where a run writes, what `run.json` says about it, and `latest.json`.
+
+folder = open_run_folder(config, is_chief=True)       # refuses a run that is already complete
+record = RunRecord.start(config, manifest, devices, now())  # lineage, filled in as the run goes
+record.training = TrainingRecord(epochs_run=3)
+write_json(folder.path("run.json"), record.to_json())  # last: run.json marks a complete run
+point_latest_at(config, record)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from utilities import storage
+from utilities.config import Config
+from utilities.errors import JobError
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "numpy", "wandb", "dvc", "ai-edge-litert")
+
+
+class RunError(JobError, RuntimeError):
+    """A run that cannot start or continue as asked; the message is one line."""
+
+
+# ---------------------------------------------------------------------- the folder
+
+
+@dataclass
+class RunFolder:
+    """Local folder the run writes into, and the URI where the finished run is published.
+
+    Local output: written in place. gs:// output: staged locally, uploaded at the end.
+    Non-chief workers of a multi-worker job write into a temporary folder that is never published.
+    """
+
+    local: Path
+    uri: str
+    publish: bool
+    checkpoints: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = self.local / "checkpoints"
+
+    def path(self, *parts: str) -> Path:
+        return self.local.joinpath(*parts)
+
+
+def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
+    """Where this run writes; refuses to touch a run that is already complete.
+
+    A non-chief worker writes into a temporary folder that is never published, but shares the chief's
+    checkpoint folder: BackupAndRestore makes every worker restore from the chief's backup there
+    (a worker that restored nothing would start over, out of step with the chief), and writes its own
+    into a `workertemp_N` subfolder that it deletes again.
+    """
+    uri = config.output.run_uri
+    local = Path(config.output.staging_dir) / config.output.model_name / config.output.run_id
+    if not storage.is_gcs(uri):
+        local = Path(uri)
+    if is_chief:
+        storage.check_writable(config.output.output)
+        if storage.exists(storage.join(uri, "run.json")):
+            raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
+        local.mkdir(parents=True, exist_ok=True)
+        folder = RunFolder(local=local, uri=uri, publish=True)
+    else:
+        folder = RunFolder(local=Path(tempfile.mkdtemp(prefix="dermaid-worker-")), uri=uri, publish=False)
+        folder.checkpoints = local / "checkpoints"
+    if config.output.checkpoint_dir:
+        folder.checkpoints = (
+            Path(local_mount(config.output.checkpoint_dir)) / config.output.model_name / config.output.run_id
+        )
+    return folder
+
+
+def local_mount(uri: str) -> str:
+    """Vertex AI mounts buckets at /gcs/BUCKET (Cloud Storage FUSE); TensorFlow writes through it."""
+    if storage.is_gcs(uri):
+        mounted = Path("/gcs") / uri[len("gs://") :]
+        if not Path("/gcs").is_dir():
+            raise RunError(f"checkpoint dir {uri} needs the /gcs mount of Vertex AI; use a local path here")
+        return str(mounted)
+    return uri
+
+
+def publish_files(folder: RunFolder) -> None:
+    """Upload a gs:// run's staged files (checkpoints stay local), `run.json` last: it marks completion."""
+    if not storage.is_gcs(folder.uri):
+        return
+    files = [
+        p for p in folder.local.rglob("*") if p.is_file() and p.name != "run.json" and "checkpoints" not in p.parts
+    ]
+    for path in files:
+        storage.upload_file(path, storage.join(folder.uri, path.relative_to(folder.local).as_posix()))
+    storage.upload_file(folder.path("run.json"), storage.join(folder.uri, "run.json"))
+
+
+# ---------------------------------------------------------------------- the record (run.json)
+
+
+@dataclass
+class DataRecord:
+    tag: str | None
+    manifest: str
+    manifest_sha256: str | None  # of the bytes parsed: a gs:// manifest is read once
+    shard_sha256: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainingRecord:
+    resumed_from_epoch: int = 0  # 0-based; (0, 0): not resumed
+    resumed_from_step: int = 0
+    epochs_run: int = 0
+    batchnorm_batches: int | None = None  # a fine-tuned backbone's BatchNorm re-estimation (chief only)
+
+
+@dataclass
+class RunRecord:
+    """The lineage of one run, as `run.json` holds it: what ran, on which data and code, on what devices."""
+
+    run_id: str
+    model_name: str
+    uri: str
+    started: str
+    config: dict[str, Any] = field(default_factory=dict)
+    data: DataRecord | None = None
+    code: dict[str, str | None] = field(default_factory=dict)
+    packages: dict[str, str | None] = field(default_factory=dict)
+    devices: Any = None  # utilities.distribution.device_summary
+    training: TrainingRecord | None = None
+    fusion_weights: dict[str, float] | None = None
+    finished: str | None = None
+
+    @classmethod
+    def start(cls, config: Config, manifest, devices: Any, started: str) -> RunRecord:
+        """The record of a run started at `started` (`now()`) on `manifest` (a `utilities.manifest.Manifest`)."""
+        return cls(
+            run_id=config.output.run_id,
+            model_name=config.output.model_name,
+            uri=config.output.run_uri,
+            started=started,
+            config=config.to_dict(),
+            data=DataRecord(
+                tag=config.data.data_tag,
+                manifest=config.data.manifest,
+                manifest_sha256=manifest.digest,
+                shard_sha256=dict(manifest.sha256 or {}),
+                counts=manifest.counts,
+            ),
+            # The checkout's HEAD; in a container (no .git) the commit the image was built from.
+            code={"git_commit": git_commit() or config.cluster.code_commit},
+            packages=package_versions(),
+            devices=devices,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        content = dataclasses.asdict(self)
+        if content["training"] and content["training"]["batchnorm_batches"] is None:
+            del content["training"]["batchnorm_batches"]
+        return content
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Per-epoch metrics from CSVLogger, across resumed runs (later rows win for a repeated epoch)."""
+    if not path.exists():
+        return {}
+    rows: dict[int, dict[str, str]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("epoch", "").isdigit():
+                rows[int(row["epoch"])] = row
+    keys = [k for k in next(iter(rows.values()), {}) if k != "epoch"]
+    return {k: [float(rows[e][k]) for e in sorted(rows)] for k in keys}
+
+
+def point_latest_at(config: Config, record: RunRecord) -> None:
+    """`{output}/{model_name}/latest.json` names the latest complete run (one object write: atomic).
+
+    Written after run.json; a run that finished earlier than the one already named leaves it alone.
+    """
+    uri = storage.join(config.output.output, config.output.model_name, "latest.json")
+    pointer = {
+        "run_id": record.run_id,
+        "uri": record.uri,
+        "model": storage.join(record.uri, "model"),
+        "run_json": storage.join(record.uri, "run.json"),
+        "finished": record.finished,
+        "data_tag": record.data.tag if record.data else None,
+        "manifest_sha256": record.data.manifest_sha256 if record.data else None,
+    }
+    try:
+        current = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    except (storage.StorageError, ValueError):
+        current = {}  # unreadable pointer: replace it
+    if str(current.get("finished") or "") > str(pointer["finished"] or ""):
+        log.info("latest.json keeps run %s, which finished after this one", current.get("run_id"))
+        return
+    storage.write_bytes(uri, json.dumps(pointer, indent=2, sort_keys=True).encode())
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
