@@ -24,6 +24,7 @@ from utilities import compression, evaluation, variant_eval
 from utilities.compression import distillation, pruning, replica_loop
 from utilities.config import CompressionConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model, save_model
+from utilities.runs import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # pixels
@@ -69,6 +70,11 @@ def toy_datasets(n_train: int = 128, n_eval: int = 48, batch: int = 16, seed: in
     return ToyDatasets(
         dataset(n_train, seed), dataset(n_eval, seed + 1), dataset(n_eval, seed + 2), weights, sizes, steps
     )
+
+
+def run_folder(path: Path) -> RunFolder:
+    """A local run's folder, as training.run opens it."""
+    return RunFolder(path, str(path), publish=True)
 
 
 def tiny_model(size: int = SIZE, bn_momentum: float = 0.99) -> tf_keras.Model:
@@ -126,17 +132,6 @@ class ListTracker:
 
     def log(self, metrics: dict[str, Any], step: int | None = None, commit: bool = True) -> None:
         self.rows.append(dict(metrics))
-
-
-class Folder:
-    """Stand-in for training.RunFolder."""
-
-    def __init__(self, local: Path) -> None:
-        self.local = local
-        self.checkpoints = local / "checkpoints"
-
-    def path(self, *parts: str) -> Path:
-        return self.local.joinpath(*parts)
 
 
 def batchnorm_layers(model: tf_keras.Model) -> list[tf_keras.layers.BatchNormalization]:
@@ -261,7 +256,7 @@ def test_pruning_fine_tunes_at_a_tenth_of_the_rate_with_batchnorm_as_the_backbon
     monkeypatch.setattr(pruning, "fine_tune", capture)
     for fine_tune in (False, True):
         config = _run_config(prune=True).replace(model={"fine_tune": fine_tune}, train={"learning_rate": 3e-3})
-        step = pruning.Pruning(config, Folder(tmp_path).checkpoints, ListTracker())
+        step = pruning.Pruning(config, run_folder(tmp_path).checkpoints, ListTracker())
         with pytest.raises(Fitting):
             step.produce(model, datasets, tf.distribute.get_strategy())
         assert float(compiled[-1].optimizer.learning_rate) == pytest.approx(3e-3 * pruning.PRUNE_LR_FACTOR)
@@ -527,7 +522,7 @@ _TWO_REPLICAS = textwrap.dedent(
     from utilities import distribution
     distribution.configure_devices(2)  # before any TensorFlow op
     import tensorflow as tf
-    from tests.test_compression import Folder, ListTracker, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
+    from tests.test_compression import ListTracker, run_folder, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
     from utilities import compression
     from utilities.compression import distillation, replica_loop
 
@@ -540,7 +535,7 @@ _TWO_REPLICAS = textwrap.dedent(
 
     # The whole pruning step (clone inside the scope, fine-tune, strip, save) and TFLite export.
     config = _run_config(prune=True, prune_epochs=2, quantize=("dynamic",))
-    variants = compression.run_variants(config, teacher, datasets, Folder(Path({tmp!r})), strategy, ListTracker())
+    variants = compression.run_variants(config, teacher, datasets, run_folder(Path({tmp!r})), strategy, ListTracker())
     out["variants"] = {{name: result.metrics for name, result in variants.items()}}
 
     # The per-replica distillation loop, with its batch-size hook.
@@ -596,7 +591,7 @@ def _run_config(**compression: Any) -> Config:
 def test_run_variants_records_a_failing_variant_and_keeps_the_others(tmp_path, monkeypatch, caplog):
     datasets = toy_datasets(n_train=64, n_eval=32)
     model = trained_tiny_model(datasets, epochs=1)
-    folder = Folder(tmp_path)
+    folder = run_folder(tmp_path)
     save_model(model, folder.path("model"))  # as training.run does: the variants' sizes compare like with like
 
     def broken_student(*args, **kwargs):
@@ -630,7 +625,7 @@ def test_run_variants_distills_from_a_teacher_file_and_quantizes_the_student(tmp
     datasets = toy_datasets(n_train=64, n_eval=32)
     model = trained_tiny_model(datasets, epochs=1)
     model.save(str(tmp_path / "teacher"))
-    folder = Folder(tmp_path / "run")
+    folder = run_folder(tmp_path / "run")
     config = _run_config(distill=True, teacher=str(tmp_path / "teacher"), student_epochs=2, quantize=("int8",))
     compression.check_inputs(config, train_examples=64)  # what training.run does before fitting
     tracker = ListTracker()
@@ -658,7 +653,7 @@ def test_densenet_model_pruned_in_backbone_and_heads_shrinks_gzip(tmp_path):
     config = _run_config(prune=True, prune_epochs=1, target_sparsity=0.5)
     model = build_model(config.model, SIZE)
     compile_model(model, 1e-3)
-    folder = Folder(tmp_path)
+    folder = run_folder(tmp_path)
     model.save(str(folder.path("model")))
     variants = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
     pruned = variants["pruned"].metrics

@@ -496,19 +496,10 @@ def execute(plan: Plan, workers: int | None = None) -> dict[str, Any]:
     return manifest
 
 
-def prepare(
-    input_dir: str | Path,
-    out_uri: str | Path,
-    image_size: int = 256,
-    shard_size: int = 500,
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    limit: int | None = None,
-    workers: int | None = None,
-) -> dict[str, Any]:
-    """Validate, split, write shards and the manifest; return the manifest (also in `{out}/versioned_paths.pickle`)."""
-    return execute(plan(input_dir, out_uri, image_size, shard_size, seed, val_fraction, test_fraction, limit), workers)
+def prepare(input_dir: str | Path, out_uri: str | Path, workers: int | None = None, **options: Any) -> dict[str, Any]:
+    """`plan` (same keyword options) then `execute`: validate, split, write shards and the manifest; return the
+    manifest (also in `{out}/versioned_paths.pickle`)."""
+    return execute(plan(input_dir, out_uri, **options), workers)
 
 
 def _summary(manifest: dict[str, Any], out_uri: str, seconds: float) -> str:
