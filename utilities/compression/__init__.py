@@ -38,6 +38,7 @@ from utilities.compression.distillation import load_teacher
 from utilities.config import Config
 from utilities.errors import one_line
 from utilities.model import save_recalibrated
+from utilities.runs import RunFolder
 from utilities.variant_eval import VariantResult
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ class Step(Protocol):
 
 
 def check_inputs(config: Config, train_examples: int | None = None, load_teacher_model: bool = True) -> None:
-    """Reject nonsense before any training: call from cli.py (no data yet) and after the data is built.
+    """Reject what cannot work before any training (training.run calls it once the data is built).
 
-    Raises ConfigError (bad combination) or ModelError (a `--teacher` that does not load or does not
-    fit the data) with a one-line message. `train_examples=None` skips the data-dependent checks.
+    Raises ConfigError (`Config.check_train_examples`: variants that need training examples) or
+    ModelError (a `--teacher` that does not load or does not fit the data), one line each.
+    `train_examples=None` skips the data-dependent check.
     """
     if train_examples is not None:
         config.check_train_examples(train_examples)
@@ -71,7 +73,7 @@ def check_inputs(config: Config, train_examples: int | None = None, load_teacher
 
 
 def run_variants(
-    config: Config, model, datasets, folder, strategy, tracker, reference: VariantResult | None = None
+    config: Config, model, datasets, folder: RunFolder, strategy, tracker, reference: VariantResult | None = None
 ) -> dict[str, VariantResult]:
     """Run the chosen steps; {variant: its VariantResult, metrics {"error": one line} if it failed}.
 
@@ -104,7 +106,7 @@ class Driver:
     """Runs steps and records their variants; `sources` collects the Keras models quantization converts."""
 
     datasets: Any  # utilities.data.Datasets: .train/.val/.test, .train_clean, .class_weights, .steps_per_epoch
-    folder: Any  # training.RunFolder: .path(...), .checkpoints
+    folder: RunFolder
     strategy: tf.distribute.Strategy
     reference: VariantResult  # the float model's: val probabilities, gzip_bytes
     sources: dict[str, tf_keras.Model]
