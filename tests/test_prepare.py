@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pickle
 import shutil
@@ -154,6 +155,20 @@ def test_rerun_replaces_a_local_output(demo_dir: Path, tmp_path: Path) -> None:
     assert load_manifest(tmp_path / "data" / MANIFEST_NAME).raw == second
     files = sorted(str(p.relative_to(tmp_path / "data")) for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert files == sorted([MANIFEST_NAME, *_shard_names(second)])
+
+
+def test_progress_is_logged_per_image(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a log (not a terminal): a line every LOG_SECONDS (0 here: every image) with rate and ETA, and a total."""
+    monkeypatch.setattr("utilities.progress.LOG_SECONDS", 0.0)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    with caplog.at_level(logging.INFO, logger="utilities.progress"):
+        manifest = prepare(demo_dir, tmp_path / "data", image_size=16, shard_size=100, seed=0, limit=150)
+    total = sum(len(v) for v in manifest["images"].values())
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"prepare image 1/{total} (" in lines[0] and "images/s, ETA" in lines[0], lines[:2]
+    assert lines[-1].startswith(f"prepare: {total} images in "), lines[-1]
 
 
 def test_interrupted_run_leaves_no_manifest(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

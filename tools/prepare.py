@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import pickle
 import random
@@ -312,7 +313,11 @@ def write_shards(
     """Write `staging/{split}/{i:04d}.tfrecords`; images are decoded by a thread pool (Pillow releases the GIL)."""
     import tensorflow as tf
 
+    from utilities.progress import Progress  # Keras' progress bar: imported with TensorFlow, not before
+
     written: dict[str, list[Path]] = {}
+    # ISIC 2019 is minutes of decoding: a bar on a terminal, a line every 30 s in a log.
+    progress = Progress(sum(len(records) for records in splits.values()), "prepare", unit="image")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for split, records in splits.items():
             (staging / split).mkdir(parents=True)
@@ -325,7 +330,9 @@ def write_shards(
                 with tf.io.TFRecordWriter(str(path)) as writer:
                     for record, raw in zip(chunk, pixels, strict=True):
                         writer.write(example_bytes(raw, record))
+                        progress.advance()
                 written[split].append(path)
+    progress.done()
     return written
 
 
@@ -533,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for name in ("absl", "tensorflow", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         todo = plan(
             args.input,

@@ -32,11 +32,12 @@ class Progress:
         total: int | None,
         what: str,
         unit: str = "item",
-        seconds: float = LOG_SECONDS,
+        seconds: float | None = None,
         initial: int = 0,
         bar: bool | None = None,
     ) -> None:
-        self.total, self.what, self.unit, self.seconds = total, what, unit, seconds
+        self.total, self.what, self.unit = total, what, unit
+        self.seconds = LOG_SECONDS if seconds is None else seconds
         self.count = self.initial = initial
         self.started = self.last = time.monotonic()
         use_bar = sys.stdout.isatty() if bar is None else bar
