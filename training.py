@@ -134,6 +134,7 @@ def load_data(config: Config) -> tuple[Any, data.Datasets]:
         seed=config.train.seed,
         augment=config.data.augment,
         shuffle_buffer=config.data.shuffle_buffer,
+        shuffle_memory_mb=config.data.shuffle_memory,
     )
     log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
     if config.compression.enabled:

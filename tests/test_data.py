@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import pickle
@@ -388,3 +389,18 @@ def test_empty_val_and_test_splits_give_empty_datasets(prepared: Prepared) -> No
     built = build_datasets({**_shards(prepared), "val": [], "test": []}, image_size=32, global_batch_size=64, seed=0)
     assert built.counts["val"] == built.steps_per_epoch["test"] == 0
     assert list(built.val) == [] and data.labels_of(built.test).shape == (0,)
+
+
+def test_the_shuffle_buffer_holds_at_most_its_memory_in_records(tmp_path, caplog):
+    shards = []
+    for i, size in enumerate((300_000, 100_000)):  # 400,000 bytes of 100 records: 4,000 bytes a record
+        shards.append(tmp_path / f"{i}.tfrecords")
+        shards[-1].write_bytes(bytes(size))
+    mb = 2**20
+    assert data.shuffle_records(shards, 100, 2048, None) == 2048  # no memory bound
+    caplog.set_level(logging.INFO, logger="utilities.data")
+    assert data.shuffle_records(shards, 100, 2048, 40_000 / mb) == 10  # 40,000 bytes: 10 records of 4,000
+    assert "shuffle buffer: 10 records" in caplog.text and "--shuffle-buffer 2048" in caplog.text
+    assert data.shuffle_records(shards, 100, 5, 40_000 / mb) == 5  # the record count binds first
+    assert data.shuffle_records(shards, 100, 2048, 1 / mb) == 1  # never empty
+    assert data.shuffle_records(shards, 0, 2048, 1.0) == 2048  # no records: nothing to size

@@ -126,7 +126,14 @@ class DataConfig:
     augment: bool = opt(
         True, "--no-augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
     )
-    shuffle_buffer: int = opt(2048, "--shuffle-buffer", help="examples in the shuffle buffer")
+    shuffle_buffer: int = opt(2048, "--shuffle-buffer", help="most records in the train shuffle buffer")
+    shuffle_memory: float = opt(
+        256.0,
+        "--shuffle-memory",
+        metavar="MB",
+        help="most memory the train shuffle buffer holds: fewer records than --shuffle-buffer when they are big "
+        "(256 px: ~197 KB each)",
+    )
     cache_features: str = opt(
         "auto",
         "--cache-features",
@@ -140,6 +147,7 @@ class DataConfig:
             f"--image-size {self.image_size} is below DenseNet121's minimum of {MIN_IMAGE_SIZE}",
         )
         _check(self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1")
+        _check(self.shuffle_memory > 0, "--shuffle-memory must be positive (MB)")
         _check(self.cache_features in ("auto", "on", "off"), "--cache-features must be auto, on or off")
 
 

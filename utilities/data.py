@@ -228,6 +228,26 @@ def _check_build_arguments(
         raise DataError("image_size, global_batch_size and shuffle_buffer must be at least 1")
 
 
+def shuffle_records(paths: Iterable[str], records: int, most: int, memory_mb: float | None) -> int:
+    """Records in the train shuffle buffer: `most`, or as many as fit in `memory_mb` of serialized records
+    (their mean size, from the shard files): at 256 px a record is ~197 KB, 16× one at 64 px, so a count
+    chosen at one size would hold 16× the memory at the other."""
+    if memory_mb is None or records == 0:
+        return most
+    record_bytes = sum(Path(p).stat().st_size for p in paths) / records
+    fits = max(1, int(memory_mb * 2**20 // record_bytes))
+    if fits < most:
+        log.info(
+            "shuffle buffer: %d records (%.0f MB of %.0f KB records; --shuffle-buffer %d would hold %.0f MB)",
+            fits,
+            memory_mb,
+            record_bytes / 1024,
+            most,
+            most * record_bytes / 2**20,
+        )
+    return min(most, fits)
+
+
 def build_datasets(
     shards: Mapping[str, list[str]],
     image_size: int,
@@ -235,23 +255,27 @@ def build_datasets(
     seed: int,
     augment: bool = True,
     shuffle_buffer: int = 2048,
+    shuffle_memory_mb: float | None = None,
 ) -> Datasets:
     """Train/val/test pipelines from local shard paths (see `fetch_shards`), plus counts and class weights.
 
-    Reads every shard's labels once (labels only) to count examples; touches nothing else.
+    Reads every shard's labels once (labels only) to count examples; touches nothing else. The train
+    shuffle buffer holds `shuffle_buffer` records, or fewer when that many would hold more than
+    `shuffle_memory_mb` of serialized records (None: no memory bound); see `shuffle_records`.
     """
     _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
     class_counts = {split: tuple(int(c) for c in count_labels(list(shards[split]))) for split in SPLITS}
     counts = {split: sum(c) for split, c in class_counts.items()}
     steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}
     paths = tuple(shards["train"])
+    buffer = shuffle_records(paths, counts["train"], shuffle_buffer, shuffle_memory_mb)
     split = _TrainSplit(
         paths,
         image_size,
         global_batch_size,
         seed,
         augment,
-        shuffle_buffer,
+        buffer,
         steps["train"],
         shards_are_raw(list(paths), image_size),
     )
