@@ -1,6 +1,6 @@
 """Real scale: ISIC-sized JPEGs in, 256 px out; per-image cost and peak memory of every phase against N.
 
-    .venv/bin/python -m bench.scale                     # N = 1000, 2000, 4000 at 256 px (~17-18 min here, see below)
+    .venv/bin/python -m bench.scale                     # N = 1000, 2000, 4000 at 256 px (~18 min here: BENCHMARKS.md)
     .venv/bin/python -m bench.scale --counts 120 --scale 0.04 --image-size 32 --train-steps 1   # ~1.5 min (tests)
 
 One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded; ~2-3 min for
@@ -11,10 +11,10 @@ measured, not estimated. On all N images: prepare (JPEG → shards) and the labe
 is the model's and does not depend on N: feature-cache build (frozen DenseNet121 over `--cache-images`
 train images, after one unmeasured batch), one cached epoch (head only) over N's train count of
 cached rows (the sample's features tiled: the head's cost does not depend on their values), fine-tune
-(`--train-steps` batches after one unmeasured batch, augmentation on, random weights). The sampled
-phases still read through N's own train pipeline (all N's shards in the file list and interleave, the
-shuffle buffer filled from them), so whatever grows with N in the input stays in their time and peak
-RSS. Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
+(`--train-steps` batches after one unmeasured batch, augmentation on, random weights). Cache build and
+fine-tune still read through N's own train pipeline (all N's shards in the file list and interleave, the
+shuffle buffer filled from them) and the cached epoch holds N's whole cache, so whatever grows with N
+stays in their time and peak RSS. Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
 table compares prepare's reduced-size JPEG decode (`tools.prepare.load_image`) with a full decode
 + area resize on a few images of each size: images/s on one thread, mean absolute difference and PSNR.
 """
@@ -408,7 +408,8 @@ def _yes(flag: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    raw = argparse.RawDescriptionHelpFormatter  # the whole docstring: commands, timings, what is measured on what
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__, formatter_class=raw)
     p.add_argument("--counts", type=int, nargs="+", default=[1000, 2000, 4000], help="N (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=256, help="px of shards and model (default: %(default)s)")
     p.add_argument("--sizes", choices=("isic", "square"), default="isic", help="demo JPEG sizes (default: %(default)s)")
