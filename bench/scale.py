@@ -1,16 +1,20 @@
 """Real scale: ISIC-sized JPEGs in, 256 px out; per-image cost and peak memory of every phase against N.
 
-    .venv/bin/python -m bench.scale                                   # N = 400, 800, 1600 at 256 px (~20 min here)
-    .venv/bin/python -m bench.scale --counts 500 1000 2000            # the BENCHMARKS.md table (25 min here)
-    .venv/bin/python -m bench.scale --counts 120 --scale 0.04 --image-size 32 --train-steps 1   # ~1 min (tests)
+    .venv/bin/python -m bench.scale                     # N = 1000, 2000, 4000 at 256 px (~18 min here: BENCHMARKS.md)
+    .venv/bin/python -m bench.scale --counts 120 --scale 0.04 --image-size 32 --train-steps 1   # ~1.5 min (tests)
 
-One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded); each N
-prepares `--limit N` of it. Phases per N, each in its own spawned process so that its peak RSS
-(VmHWM from /proc/self/status, reset between the two halves of the cache phase) is measured, not
-estimated: prepare (JPEG → shards), label pass (`utilities.records.count_labels` over every shard),
-feature-cache build (frozen DenseNet121, train + val) and one cached epoch (head only), fine-tune
-training (`--train-steps` batches after one unmeasured batch, augmentation on, random weights).
-Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
+One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded; ~2-3 min for
+4,000 on 2 cores); each N prepares `--limit N` of it. Phases per N, each in its own spawned process so
+that its peak RSS (VmHWM from /proc/self/status, reset between the two halves of the cache phase) is
+measured, not estimated. On all N images: prepare (JPEG → shards) and the label pass
+(`utilities.records.count_labels` over every shard). On a fixed sample, because their cost per image
+is the model's and does not depend on N: feature-cache build (frozen DenseNet121 over `--cache-images`
+train images, after one unmeasured batch), one cached epoch (head only) over N's train count of
+cached rows (the sample's features tiled: the head's cost does not depend on their values), fine-tune
+(`--train-steps` batches after one unmeasured batch, augmentation on, random weights). Cache build and
+fine-tune still read through N's own train pipeline (all N's shards in the file list and interleave, the
+shuffle buffer filled from them) and the cached epoch holds N's whole cache, so whatever grows with N
+stays in their time and peak RSS. Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
 table compares prepare's reduced-size JPEG decode (`tools.prepare.load_image`) with a full decode
 + area resize on a few images of each size: images/s on one thread, mean absolute difference and PSNR.
 """
@@ -132,34 +136,59 @@ def _epoch_seconds(fit_epochs) -> float:
     return timer.seconds[-1]
 
 
-def phase_cache(manifest: str, image_size: int, batch_size: int, shuffle_buffer: int) -> dict[str, Any]:
-    """Feature-cache build over train + val, then a cached epoch (train, head only; the second of two)."""
+def _timed_features(extractor, dataset, batches: int) -> tuple[list[tuple[np.ndarray, ...]], float, float]:
+    """The extraction loop of `feature_cache.compute_features` over 1 + `batches` batches of `dataset`:
+    (features, metadata, labels) of the measured batches, seconds of the first (unmeasured: shuffle-buffer
+    fill and tracing) batch and seconds of the rest."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *extractor.input["image"].shape[1:]], tf.float32)  # as compute_features
+    extract = tf.function(lambda image: extractor({"image": image}, training=False), input_signature=[spec])
+    rows, ends = [], [time.perf_counter()]
+    for features, labels in dataset.take(1 + batches):
+        pooled = extract(features["image"]).numpy().astype(np.float32)
+        rows.append((pooled, features["metadata"].numpy(), labels.numpy()))
+        ends.append(time.perf_counter())
+    return rows[1:], ends[1] - ends[0], ends[-1] - ends[1]
+
+
+def phase_cache(
+    manifest: str, image_size: int, batch_size: int, shuffle_buffer: int, cache_images: int
+) -> dict[str, Any]:
+    """Feature-cache build rate on `cache_images` train images drawn through the full-N train pipeline,
+    then a cached epoch (head only; the second of two) over a cache as long as N's train split."""
+    import tensorflow as tf
+
     from bench.common import job_model
     from utilities import data, feature_cache
     from utilities.model import compile_model
 
     datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, False, shuffle_buffer)
+    train_count, steps = datasets.counts["train"], datasets.steps_per_epoch["train"]
+    if steps < 2:
+        raise ValueError("the cache phase needs at least 2 train batches; use a larger N or a smaller --batch-size")
     model = job_model(image_size, fine_tune=False)
     extractor = feature_cache.feature_extractor(model)
-    start = time.perf_counter()
-    train = feature_cache.compute_features(extractor, datasets.train)
-    feature_cache.compute_features(extractor, datasets.val)
-    build_seconds = time.perf_counter() - start
+    batches = max(1, min(math.ceil(cache_images / batch_size), steps - 1))
+    rows, first_seconds, build_seconds = _timed_features(extractor, datasets.train, batches)
     build_peak = peak_rss_mb()
     reset_peak_rss()
+    # The head's cost per row does not depend on the values: tile the sample to N's train count.
+    columns = [np.resize(np.concatenate(c), (train_count, *c[0].shape[1:]))[None] for c in zip(*rows, strict=True)]
+    cache = feature_cache.FeatureCache(*(tf.constant(c, tf.float32) for c in columns), batch_size=batch_size)
     head = feature_cache.head_model(model)
     compile_model(head, 1e-4)
-    stream = feature_cache.train_dataset(train, seed=0)
-    steps = datasets.steps_per_epoch["train"]
+    stream = feature_cache.train_dataset(cache, seed=0)
     fit = lambda cb: head.fit(stream, steps_per_epoch=steps, epochs=2, callbacks=cb, verbose=0)  # noqa: E731
     epoch_seconds = _epoch_seconds(fit)
     return {
         "build_seconds": build_seconds,
-        "build_images": datasets.counts["train"] + datasets.counts["val"],
+        "build_images": sum(len(r[2]) for r in rows),
+        "first_batch_seconds": first_seconds,
         "build_peak_rss_mb": build_peak,
-        "cache_mb": round(sum(t.numpy().nbytes for t in (train.features, train.metadata, train.labels)) / MB, 2),
+        "cache_mb": round(sum(c.nbytes for c in columns) / MB, 2),
         "epoch_seconds": epoch_seconds,
-        "epoch_images": datasets.counts["train"],
+        "epoch_images": train_count,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -256,7 +285,7 @@ def measure_n(demo: Path, root: Path, n: int, args: argparse.Namespace) -> dict[
     manifest = str(out / "versioned_paths.pickle")
     labels = run_phase("labels", manifest=manifest)
     model = dict(manifest=manifest, image_size=args.image_size, batch_size=args.batch_size)
-    cache = run_phase("cache", **model, shuffle_buffer=args.shuffle_buffer)
+    cache = run_phase("cache", **model, shuffle_buffer=args.shuffle_buffer, cache_images=args.cache_images)
     tune = run_phase("fine_tune", **model, steps=args.train_steps, shuffle_buffer=args.shuffle_buffer)
     return {
         "images": prep["images"],
@@ -266,6 +295,7 @@ def measure_n(demo: Path, root: Path, n: int, args: argparse.Namespace) -> dict[
             "seconds": cache["build_seconds"],
             "images": cache["build_images"],
             "images_per_s": cache["build_images"] / cache["build_seconds"],
+            "first_batch_seconds": cache["first_batch_seconds"],
             "cache_mb": cache["cache_mb"],
             "peak_rss_mb": cache["build_peak_rss_mb"],
         },
@@ -279,6 +309,15 @@ def measure_n(demo: Path, root: Path, n: int, args: argparse.Namespace) -> dict[
 
 
 PHASE_NAMES = ("prepare", "labels", "cache_build", "cached_epoch", "fine_tune")
+# What each phase's seconds and images cover (also in the JSON as "measured_on"). Peak RSS is always that of a
+# process holding N's whole file list, shuffle buffer and interleave, so memory is measured against N in every phase.
+MEASURED_ON = {
+    "prepare": "all N images (JPEG decode, resize, shards written)",
+    "labels": "all N images (every shard of every split)",
+    "cache_build": "--cache-images train images from N's train pipeline, after one unmeasured batch",
+    "cached_epoch": "one epoch over N's train count of cached rows (the sample's features, tiled)",
+    "fine_tune": "--train-steps batches from N's train pipeline, after one unmeasured batch",
+}
 
 
 def flatness(rows: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -317,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "demo": {"images": max(args.counts), "seconds": round(demo_seconds, 1), "jpeg_bytes": jpeg_bytes},
         "decode": decode,
+        "measured_on": MEASURED_ON,
         "counts": _rounded(rows),
         "flat": flatness(rows),
     }
@@ -349,6 +389,7 @@ def report(result: dict[str, Any]) -> str:
     header = ("N", "prepare s", "prepare img/s", "shards MB", "label pass s", "cache build img/s", "cached epoch s")
     header += ("fine-tune img/s", "peak RSS MB: prepare / labels / cache build / cached epoch / fine-tune")
     text = table("Scale: ISIC-sized JPEGs", header, rows)
+    text += "\nMeasured on:\n" + "".join(f"- {p}: {what}\n" for p, what in result["measured_on"].items())
     flat = [
         [p, " / ".join(f"{c:.3g}" for c in f["ms_per_image"]), _yes(f["cost_flat"]), _yes(f["rss_flat"])]
         for p, f in result["flat"].items()
@@ -367,13 +408,15 @@ def _yes(flag: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--counts", type=int, nargs="+", default=[400, 800, 1600], help="N (default: %(default)s)")
+    raw = argparse.RawDescriptionHelpFormatter  # the whole docstring: commands, timings, what is measured on what
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__, formatter_class=raw)
+    p.add_argument("--counts", type=int, nargs="+", default=[1000, 2000, 4000], help="N (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=256, help="px of shards and model (default: %(default)s)")
     p.add_argument("--sizes", choices=("isic", "square"), default="isic", help="demo JPEG sizes (default: %(default)s)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the ISIC sizes (tests; default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
     p.add_argument("--train-steps", type=int, default=4, help="measured fine-tune batches (default: %(default)s)")
+    p.add_argument("--cache-images", type=int, default=128, help="train images timed in the cache build (default: 128)")
     p.add_argument("--quality-images", type=int, default=8, help="images per source size in the decode table")
     p.add_argument("--workers", type=int, default=None, help="prepare threads (default: prepare's own)")
     p.add_argument(

@@ -110,13 +110,18 @@ def test_flatness_is_within_15_percent_of_the_median():
 def test_scale_bench_writes_its_json(tmp_path, capsys):
     out = tmp_path / "scale.json"
     argv = ["--counts", "120", "--scale", "0.04", "--image-size", "32", "--batch-size", "8", "--train-steps", "1"]
-    assert scale.main([*argv, "--quality-images", "1", "--out", str(out)]) == 0
+    assert scale.main([*argv, "--cache-images", "16", "--quality-images", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {"benchmark", "machine", "settings", "demo", "decode", "counts", "flat", "seconds"} <= set(result)
+    keys = {"benchmark", "machine", "settings", "demo", "decode", "measured_on", "counts", "flat", "seconds"}
+    assert keys <= set(result)
+    assert set(result["measured_on"]) == set(scale.PHASE_NAMES)  # full N or a fixed sample, phase by phase
     phases = result["counts"]["120"]
     assert set(phases) == {"images", *scale.PHASE_NAMES}
     for name in scale.PHASE_NAMES:
-        assert phases[name]["seconds"] > 0 and phases[name]["peak_rss_mb"] > 0, name
+        assert phases[name]["seconds"] > 0 and phases[name]["peak_rss_mb"] > 0 and phases[name]["images"] > 0, name
     assert phases["prepare"]["shard_bytes"] > 120 * 32 * 32 * 3
+    assert phases["prepare"]["images"] == phases["labels"]["images"] == phases["images"]  # the full N
+    assert phases["cache_build"]["images"] == 16 and phases["cache_build"]["first_batch_seconds"] > 0  # the sample
+    assert phases["cached_epoch"]["images"] > 16  # N's train count of cached rows, not the sample's
     assert set(result["flat"]) == set(scale.PHASE_NAMES)
     assert "Scale: ISIC-sized JPEGs" in capsys.readouterr().out
