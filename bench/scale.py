@@ -153,7 +153,7 @@ def _timed_features(extractor, dataset, batches: int) -> tuple[list[tuple[np.nda
 
 
 def phase_cache(
-    manifest: str, image_size: int, batch_size: int, shuffle_buffer: int, cache_images: int
+    manifest: str, image_size: int, batch_size: int, shuffle_buffer: tuple[int, float], cache_images: int
 ) -> dict[str, Any]:
     """Feature-cache build rate on `cache_images` train images drawn through the full-N train pipeline,
     then a cached epoch (head only; the second of two) over a cache as long as N's train split."""
@@ -163,7 +163,7 @@ def phase_cache(
     from utilities import data, feature_cache
     from utilities.model import compile_model
 
-    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, False, shuffle_buffer)
+    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, False, *shuffle_buffer)
     train_count, steps = datasets.counts["train"], datasets.steps_per_epoch["train"]
     if steps < 2:
         raise ValueError("the cache phase needs at least 2 train batches; use a larger N or a smaller --batch-size")
@@ -193,14 +193,16 @@ def phase_cache(
     }
 
 
-def phase_fine_tune(manifest: str, image_size: int, batch_size: int, steps: int, shuffle_buffer: int) -> dict[str, Any]:
+def phase_fine_tune(
+    manifest: str, image_size: int, batch_size: int, steps: int, shuffle_buffer: tuple[int, float]
+) -> dict[str, Any]:
     """`steps` fine-tuning batches (the job's augmenting pipeline) after one unmeasured (tracing) batch."""
     import tf_keras
 
     from bench.common import job_model
     from utilities import data
 
-    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, True, shuffle_buffer)
+    datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, True, *shuffle_buffer)
     model = job_model(image_size, fine_tune=True)
     ends: list[float] = []
     timer = tf_keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
@@ -285,8 +287,9 @@ def measure_n(demo: Path, root: Path, n: int, args: argparse.Namespace) -> dict[
     manifest = str(out / "versioned_paths.pickle")
     labels = run_phase("labels", manifest=manifest)
     model = dict(manifest=manifest, image_size=args.image_size, batch_size=args.batch_size)
-    cache = run_phase("cache", **model, shuffle_buffer=args.shuffle_buffer, cache_images=args.cache_images)
-    tune = run_phase("fine_tune", **model, steps=args.train_steps, shuffle_buffer=args.shuffle_buffer)
+    shuffle = (args.shuffle_buffer, args.shuffle_memory)  # records, MB: the job's bounds
+    cache = run_phase("cache", **model, shuffle_buffer=shuffle, cache_images=args.cache_images)
+    tune = run_phase("fine_tune", **model, steps=args.train_steps, shuffle_buffer=shuffle)
     return {
         "images": prep["images"],
         "prepare": {**prep, "images_per_s": prep["images"] / prep["seconds"]},
@@ -421,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="prepare threads (default: prepare's own)")
     p.add_argument(
         "--shuffle-buffer", type=int, default=2048, help="records in the train shuffle buffer (default: the job's)"
+    )
+    p.add_argument(
+        "--shuffle-memory", type=float, default=256.0, help="MB the train shuffle buffer may hold (default: the job's)"
     )
     p.add_argument("--seed", type=int, default=0, help="demo data and split seed (default: %(default)s)")
     p.add_argument("--out", type=Path, help="JSON result path (default: bench/results/scale.json)")
