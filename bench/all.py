@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.all                    # ~10 min on 2 shared CPU cores (`make bench`)
     .venv/bin/python -m bench.all --full             # + pruned model and every TFLite type (~+8 min)
-    .venv/bin/python -m bench.all --with-scale       # + bench.scale: ISIC-sized JPEGs at 256 px (~+18 min here)
+    .venv/bin/python -m bench.all --with-scale       # + bench.scale: ISIC-sized JPEGs at 256 px (~+15 min here)
 
 Writes `bench/results/{pipeline,training,cache,mfu,distill,compression}.json` and `all.json`
 (each ratio against its target). A benchmark that fails is recorded as an error; the others run.
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=common.RESULTS_DIR, help="folder for the JSON files")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="a subset")
     parser.add_argument("--full", action="store_true", help="the benchmarks' own (longer) defaults")
-    parser.add_argument("--with-scale", action="store_true", help="also bench.scale (own data, 256 px; ~18 min here)")
+    parser.add_argument("--with-scale", action="store_true", help="also bench.scale (own data, 256 px; ~15 min here)")
     return parser
 
 

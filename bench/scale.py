@@ -1,6 +1,6 @@
 """Real scale: ISIC-sized JPEGs in, 256 px out; per-image cost and peak memory of every phase against N.
 
-    .venv/bin/python -m bench.scale                     # N = 1000, 2000, 4000 at 256 px (~18 min here: BENCHMARKS.md)
+    .venv/bin/python -m bench.scale                     # N = 1000, 2000, 4000 at 256 px (895 s = 15 min measured on an idle machine: BENCHMARKS.md)
     .venv/bin/python -m bench.scale --counts 120 --scale 0.04 --image-size 32 --train-steps 1   # ~1.5 min (tests)
 
 One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic`, seeded; ~2-3 min for
