@@ -26,9 +26,8 @@ PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) →
 class VariantResult:
     """One evaluated variant: what metrics.json holds for it, and the probabilities later comparisons need (never written)."""
 
-    metrics: dict[
-        str, Any
-    ]  # val/test metric dicts, size_bytes, gzip_bytes, latency_ms, params, agreement, … or {"error": "..."}
+    # val/test metric dicts, size_bytes, gzip_bytes, latency_ms, params, agreement, … or {"error": "..."}
+    metrics: dict[str, Any]
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # split ("val", "test") → (N, 8)
 
 
