@@ -30,10 +30,11 @@ _SPECIFICITIES = (0.80, 0.95)  # triage operating points
 # Triage groups: the malignant lesions (AK counts as pre-malignant but needs treatment too).
 _MELANOMA = ("MEL",)
 _MALIGNANT = ("MEL", "BCC", "SCC", "AK")
-AGE_GROUPS: tuple[str, ...] = ("<30", "30-59", ">=60", "unknown")
-SEX_GROUPS: tuple[str, ...] = (*SEXES, "unknown")
-SITE_GROUPS: tuple[str, ...] = (*SITES, "unknown")
+# Subgroup labels in report order; "unknown" (missing or undecodable metadata) always last.
 UNKNOWN = "unknown"
+SEX_GROUPS: tuple[str, ...] = (*SEXES, UNKNOWN)
+AGE_GROUPS: tuple[str, ...] = ("<30", "30-59", ">=60", UNKNOWN)  # years
+SITE_GROUPS: tuple[str, ...] = (*SITES, UNKNOWN)
 
 
 def _inputs(y_true, probs, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +216,7 @@ def _operating_points(positives: np.ndarray, scores: np.ndarray) -> tuple[dict, 
     sensitivity, threshold = {}, {}
     for target in _SPECIFICITIES:
         key = f"{target:.2f}"
+        # 1e-12: a specificity of exactly the target (e.g. 16/20 = 0.80) must not fail on rounding.
         eligible = np.flatnonzero(1.0 - fpr >= target - 1e-12)  # a prefix: fpr grows along the curve
         best = eligible[np.argmax(tpr[eligible])]  # argmax takes the first: the highest threshold
         sensitivity[key] = float(tpr[best])
