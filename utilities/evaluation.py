@@ -46,13 +46,19 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> No
         raise ValueError("probs contain NaN or infinite values; the model diverged or its input is broken")
 
 
-def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
-    """One-vs-rest ROC AUC averaged over classes with both positives and negatives; None if none has."""
-    aucs = []
+def _per_class_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """One-vs-rest ROC AUC per class column; None for a class without positives or without negatives."""
+    aucs: list[float | None] = []
     for c in range(probs.shape[1]):
         positives = y_true == c
-        if positives.any() and not positives.all():
-            aucs.append(roc_auc_score(positives, probs[:, c]))
+        has_both = positives.any() and not positives.all()
+        aucs.append(float(roc_auc_score(positives, probs[:, c])) if has_both else None)
+    return aucs
+
+
+def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """One-vs-rest ROC AUC averaged over classes with both positives and negatives; None if none has."""
+    aucs = [a for a in _per_class_auc(y_true, probs) if a is not None]
     return float(np.mean(aucs)) if aucs else None
 
 
@@ -91,6 +97,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
         "balanced_accuracy": _balanced_accuracy(cm),
         "macro_f1": float(f1_score(y_true, y_pred, labels=seen, average="macro", zero_division=0)),
         "macro_auc": _macro_auc(y_true, probs),
+        # None where a class lacks positives or negatives in this split (macro_auc skips those too).
+        "per_class_auc": dict(zip(class_names, _per_class_auc(y_true, probs), strict=True)),
         "per_class_recall": {name: float(v) for name, v in zip(class_names, recall, strict=True)},
         "per_class_precision": {name: float(v) for name, v in zip(class_names, precision, strict=True)},
         "support": {name: int(v) for name, v in zip(class_names, cm.sum(axis=1), strict=True)},
