@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -103,10 +104,14 @@ def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
     equal-width confidence bin; point area grows with the bin's count.
     """
     rows, columns = _grid(len(panels), _MAX_PANEL_COLUMNS)
-    fig = Figure(figsize=(3.0 * columns, 3.0 * rows + 0.4), layout="constrained")
+    fig = Figure(figsize=(0.5 + 2.9 * columns, 0.8 + 2.9 * rows), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.04)  # keeps one panel's "1" off the next one's "0"
     axes = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
     for ax in axes.flat[len(panels) :]:
         ax.set_axis_off()
+        axes[rows - 2, list(axes[-1]).index(ax)].xaxis.set_tick_params(
+            labelbottom=True
+        )  # the panel above ends its column
     for index, (ax, (name, reliability)) in enumerate(zip(axes.flat, panels.items(), strict=False)):
         bins = int(reliability.get("bins") or len(reliability["count"]))
         counts = np.asarray(reliability["count"], dtype=float)
@@ -127,22 +132,28 @@ def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
         if filled:
             conf, acc, count = (np.asarray(column, dtype=float) for column in zip(*filled, strict=True))
             ax.plot(conf, acc, color="C0", linewidth=1, zorder=3)
-            ax.scatter(
-                conf, acc, s=12 + 120 * count / count.max(), color="C0", zorder=4, label="accuracy (area ∝ images)"
-            )
+            area = 12 + 120 * count / count.max()
+            ax.scatter(conf, acc, s=area, color="C0", zorder=4, clip_on=False, label="accuracy (area ∝ images)")
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1, label="perfectly calibrated")
         ece = reliability.get("ece")
         ax.set_title(name if ece is None else f"{name}  ECE {ece:.3f}", fontsize=10)
-        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
         ax.grid(alpha=0.3)
         if index == 0:
-            ax.legend(fontsize=7, loc="upper left")
-    for ax in axes[-1]:
-        ax.set_xlabel("confidence (top-1 probability)")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7, loc="upper left", markerscale=0.6)
+    fig.supxlabel("confidence (top-1 probability, binned)", fontsize=10)
+    fig.supylabel("accuracy", fontsize=10)
     fig.suptitle("Reliability (test)")
     return _save(fig, path)
+
+
+def _bar_colour(value: float | None, count: int, overall: float | None, min_support: int) -> str:
+    """Grey: too few images to compare; orange: below the whole split's value; blue: at or above it."""
+    if count < min_support:
+        return "0.82"
+    return "C1" if overall is not None and value is not None and value < overall else "C0"
 
 
 def plot_subgroups(
@@ -154,47 +165,46 @@ def plot_subgroups(
     """PNG with one panel per attribute (sex, age, site): balanced accuracy per group as horizontal bars.
 
     `subgroups` is a split's `subgroups` dict (attribute → group → {"n", "balanced_accuracy", …});
-    groups with fewer than `min_support` images are grey and hatched; `overall` (the split's balanced
-    accuracy) is drawn as a dashed line so weaker groups stand out.
+    `overall` (the split's balanced accuracy) is a dashed line, groups below it are orange, groups
+    with fewer than `min_support` images grey and hatched (shown, not compared).
     """
     attributes = {name: groups for name, groups in subgroups.items() if groups}
-    heights = [len(groups) + 1.2 for groups in attributes.values()]
-    fig = Figure(figsize=(6.8, 0.9 + 0.3 * sum(heights)), layout="constrained")
-    axes = fig.subplots(len(attributes), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    heights = [len(groups) + 1.0 for groups in attributes.values()]
+    fig = Figure(figsize=(6.8, 1.4 + 0.28 * sum(heights)), layout="constrained")
+    grid = {"height_ratios": heights}
+    axes = fig.subplots(len(attributes), 1, squeeze=False, sharex=True, gridspec_kw=grid)[:, 0]
     for ax, (attribute, groups) in zip(axes, attributes.items(), strict=True):
-        names = list(groups)
-        values = [groups[g].get("balanced_accuracy") for g in names]
-        counts = [int(groups[g].get("n") or 0) for g in names]
-        small = [n < min_support for n in counts]
-        positions = np.arange(len(names))
-        bars = ax.barh(
-            positions,
-            [0.0 if v is None else v for v in values],
-            color=["0.8" if s else "C0" for s in small],
-            edgecolor=["0.5" if s else "C0" for s in small],
-        )
-        for bar, is_small in zip(bars, small, strict=True):
-            bar.set_hatch("///" if is_small else "")
-        for y, value, count in zip(positions, values, counts, strict=True):
-            label = f"n={count}" if value is None else f"{value:.2f}  n={count}"
-            ax.text((value or 0.0) + 0.01, y, label, va="center", fontsize=8)
+        values = [stats.get("balanced_accuracy") for stats in groups.values()]
+        counts = [int(stats.get("n") or 0) for stats in groups.values()]
+        colours = [_bar_colour(v, n, overall, min_support) for v, n in zip(values, counts, strict=True)]
+        positions = np.arange(len(groups))
+        bars = ax.barh(positions, [v or 0.0 for v in values], color=colours, edgecolor="0.45", linewidth=0.6)
+        for bar, count in zip(bars, counts, strict=True):
+            bar.set_hatch("///" if count < min_support else "")
         if overall is not None:
-            ax.axvline(overall, color="0.3", linestyle="--", linewidth=1)
-        ax.set_yticks(positions, names, fontsize=9)
+            ax.axvline(overall, color="0.25", linestyle="--", linewidth=1)
+        for y, value, count in zip(positions, values, counts, strict=True):
+            label = f"no value  n={count}" if value is None else f"{value:.2f}  n={count}"
+            box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.5}
+            ax.text((value or 0.0) + 0.01, y, label, va="center", fontsize=8, bbox=box)
+        ax.set_yticks(positions, list(groups), fontsize=9)
         ax.invert_yaxis()  # groups top to bottom in their metrics.json order
-        ax.set_xlim(0, 1.18)  # room for the value and n right of a full bar
-        ax.set_title(attribute, loc="left", fontsize=10)
+        ax.set_xlim(0, 1.2)  # room for the value and n right of a full bar
+        ax.set_title(attribute, loc="left", fontsize=10, fontweight="bold")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlabel("balanced accuracy (test)")
-    handles = [
-        Patch(facecolor="C0", label=f"n ≥ {min_support}"),
-        Patch(facecolor="0.8", edgecolor="0.5", hatch="///", label=f"n < {min_support}: too few to compare"),
-    ]
+    axes[-1].set_xticks(np.linspace(0, 1, 6))
+    handles = [Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}")]
     if overall is not None:
-        handles.append(
-            ax.plot([], [], color="0.3", linestyle="--", linewidth=1, label=f"all test images ({overall:.2f})")[0]
-        )
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=8, frameon=False)
+        handles = [
+            Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}, at or above all images"),
+            Patch(facecolor="C1", edgecolor="0.45", label=f"n ≥ {min_support}, below all images"),
+            Line2D([], [], color="0.25", linestyle="--", linewidth=1, label=f"all test images ({overall:.2f})"),
+        ]
+    handles.append(
+        Patch(facecolor="0.82", edgecolor="0.45", hatch="///", label=f"n < {min_support}: too few to compare")
+    )
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle("Balanced accuracy by subgroup (test)")
     return _save(fig, path)
 
@@ -454,7 +464,7 @@ def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
                     f"> **Warning:** {name}'s {split} balanced accuracy changed with temperature scaling "
                     f"({before:.4f} → {after:.4f}); dividing logits by one temperature cannot change a prediction."
                 )
-    intro = "Temperature scaling (fitted on val) divides the logits by one temperature: it changes confidence, not predictions."
+    intro = "Temperature scaling divides the logits by one fitted temperature: it changes confidence, not predictions."
     return [
         "### Temperature scaling",
         "",
@@ -582,7 +592,7 @@ def _subgroup_section(subgroups: dict[str, dict[str, dict]], figure: str | None)
     if figure:
         lines += [
             f"Groups with fewer than {MIN_SUBGROUP_SUPPORT} test images are listed but too small to compare "
-            "(hatched grey in the figure).",
+            "(hatched grey in the figure); orange bars are groups below the whole test split.",
             "",
             f"![balanced accuracy by subgroup]({figure})",
             "",
