@@ -365,3 +365,9 @@ def test_sections_without_their_data_are_left_out(tmp_path):
     for heading in ("## Calibration", "## Triage", "## Subgroups"):
         assert heading not in text
     assert not any((tmp_path / name).exists() for name in NEW_FIGURES)
+
+
+def test_reliability_grid_wraps_after_four_variants(tmp_path):
+    panels = rp._reliability_panels(analysis_metrics(extra_variants=3))  # model, int8, pruned_0..2: 2 rows of 4
+    assert list(panels) == ["model", "int8", "pruned_0", "pruned_1", "pruned_2"]  # not the failed variant
+    _assert_png(rp.plot_reliability(panels, tmp_path / "reliability.png"))

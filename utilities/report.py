@@ -404,41 +404,35 @@ def _splits(variant: dict) -> tuple[dict, dict]:
     return variant.get("val") or {}, variant.get("test") or {}
 
 
-def _calibration_section(metrics: dict) -> list[str]:
-    """ECE per variant and split; for temperature-scaled variants, before → after."""
+def _calibration_section(metrics: dict, run_dir: Path) -> list[str]:
+    """ECE per variant and split; for temperature-scaled variants, before → after; the reliability figure."""
     variants = metrics.get("variants", {})
-    eces = {name: _splits(v) for name, v in variants.items()}
-    eces = {name: (val.get("ece"), test.get("ece")) for name, (val, test) in eces.items()}
-    eces = {name: pair for name, pair in eces.items() if pair != (None, None)}
-    if not eces:
-        return []
-    bins = next(
-        (
-            s["reliability"]["bins"]
-            for v in variants.values()
-            for s in _splits(v)
-            if (s.get("reliability") or {}).get("bins")
-        ),
-        None,
-    )
-    binning = f"{bins} equal-width confidence bins" if bins else "equal-width confidence bins"
-    lines = [
-        "## Calibration",
-        "",
-        *_md_table(
-            ["variant", "val ECE", "test ECE"], [[n, _fmt(v, "p3"), _fmt(t, "p3")] for n, (v, t) in eces.items()]
-        ),
-    ]
-    lines += [
-        "",
-        f"ECE: expected calibration error, the image-weighted mean |accuracy − confidence| over {binning}; "
-        "0 is perfectly calibrated. A temperature-scaled variant's values are those after scaling.",
-        "",
-    ]
     calibrated = {name: v for name, v in variants.items() if v.get("calibration")}
-    if calibrated:
-        lines += _temperature_table(calibrated)
-    return lines
+    lines = [*_ece_table(variants), *(_temperature_table(calibrated) if calibrated else [])]
+    if not lines:
+        return []
+    if panels := _reliability_panels(metrics):
+        plot_reliability(panels, run_dir / RELIABILITY_PNG)
+        lines += [f"![reliability diagrams]({RELIABILITY_PNG})", ""]
+    return ["## Calibration", "", *lines]
+
+
+def _ece_table(variants: dict[str, dict]) -> list[str]:
+    """Variant × (val ECE, test ECE) and what ECE is; nothing when no variant has one."""
+    eces = {name: tuple(split.get("ece") for split in _splits(v)) for name, v in variants.items()}
+    rows = [
+        [name, _fmt(val, "p3"), _fmt(test, "p3")] for name, (val, test) in eces.items() if (val, test) != (None, None)
+    ]
+    if not rows:
+        return []
+    reliability = [split.get("reliability") or {} for v in variants.values() for split in _splits(v)]
+    bins = next((r["bins"] for r in reliability if r.get("bins")), None)
+    binning = f"{bins} equal-width confidence bins" if bins else "equal-width confidence bins"
+    note = (
+        f"ECE: expected calibration error, the image-weighted mean |accuracy − confidence| over {binning}; "
+        "0 is perfectly calibrated. A temperature-scaled variant's values are those after scaling."
+    )
+    return [*_md_table(["variant", "val ECE", "test ECE"], rows), "", note, ""]
 
 
 def _before_after(before: Any, after: Any) -> str:
@@ -541,7 +535,7 @@ def _largest_gap(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_S
         scored = {
             g: s["balanced_accuracy"]
             for g, s in groups.items()
-            if s.get("n", 0) >= min_support and s.get("balanced_accuracy") is not None
+            if (s.get("n") or 0) >= min_support and s.get("balanced_accuracy") is not None
         }
         if len(scored) < 2:
             continue
@@ -569,11 +563,13 @@ def _headline_subgroups(metrics: dict) -> dict[str, dict[str, dict]]:
     return ((metrics.get("variants", {}).get(HEADLINE_VARIANT) or {}).get("test") or {}).get("subgroups") or {}
 
 
-def _subgroup_section(subgroups: dict[str, dict[str, dict]], figure: str | None) -> list[str]:
-    """Per attribute a table group × (n, balanced accuracy, per-class recall), then the largest gap."""
-    subgroups = {attribute: groups for attribute, groups in subgroups.items() if groups}
+def _subgroup_section(metrics: dict, run_dir: Path) -> list[str]:
+    """Per attribute a table group × (n, balanced accuracy, per-class recall), the largest gap, the figure."""
+    subgroups = {attribute: groups for attribute, groups in _headline_subgroups(metrics).items() if groups}
     if not subgroups:
         return []
+    overall = (metrics["variants"][HEADLINE_VARIANT].get("test") or {}).get("balanced_accuracy")
+    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, overall)
     lines = [f"## Subgroups ({HEADLINE_VARIANT}, test)", ""]
     for attribute, groups in subgroups.items():
         classes = list(next((s["per_class_recall"] for s in groups.values() if s.get("per_class_recall")), {}))
@@ -588,16 +584,30 @@ def _subgroup_section(subgroups: dict[str, dict[str, dict]], figure: str | None)
         ]
         header = ["group", "n", "bal. acc.", *(f"{c} recall" for c in classes)]
         lines += [f"### {attribute}", "", *_md_table(header, rows), ""]
-    lines += [_gap_sentence(subgroups), ""]
-    if figure:
-        lines += [
-            f"Groups with fewer than {MIN_SUBGROUP_SUPPORT} test images are listed but too small to compare "
-            "(hatched grey in the figure); orange bars are groups below the whole test split.",
-            "",
-            f"![balanced accuracy by subgroup]({figure})",
-            "",
-        ]
-    return lines
+    return [
+        *lines,
+        _gap_sentence(subgroups),
+        "",
+        f"Groups with fewer than {MIN_SUBGROUP_SUPPORT} test images are listed but too small to compare "
+        "(hatched grey in the figure); orange bars are groups below the whole test split.",
+        "",
+        f"![balanced accuracy by subgroup]({SUBGROUPS_PNG})",
+        "",
+    ]
+
+
+def _gallery_lines(gallery: Sequence[dict] | None, run_dir: Path) -> list[str]:
+    """The error gallery figure and its one-line caption, when there are items."""
+    if not gallery:
+        return []
+    plot_error_gallery(gallery, run_dir / ERROR_GALLERY_PNG)
+    return [
+        f"The {HEADLINE_VARIANT} variant's test mistakes it was most sure about "
+        "(highest probability on the wrong class), most confident first:",
+        "",
+        f"![most confident mistakes]({ERROR_GALLERY_PNG})",
+        "",
+    ]
 
 
 def _fusion_weights(metrics: dict, record: RunRecord | None, history: dict) -> dict[str, float]:
@@ -664,28 +674,9 @@ def write_report(
     title = record.model_name if record else "model"
     lines = [f"# Training report: {title}", "", *_summary_section(record), *_headline_section(metrics)]
     lines += [*_per_class_section(metrics), *_per_class_section(metrics, "per_class_auc", "Per-class AUC")]
-    subgroups = _headline_subgroups(metrics)
-    if any(subgroups.values()):
-        overall = ((metrics["variants"][HEADLINE_VARIANT]).get("test") or {}).get("balanced_accuracy")
-        plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, overall)
-    lines += _subgroup_section(subgroups, SUBGROUPS_PNG)
-    lines += _triage_section(metrics)
-    calibration = _calibration_section(metrics)
-    panels = _reliability_panels(metrics)
-    if calibration and panels:
-        plot_reliability(panels, run_dir / RELIABILITY_PNG)
-        calibration += [f"![reliability diagrams]({RELIABILITY_PNG})", ""]
-    lines += [*calibration, *_fusion_section(_fusion_weights(metrics, record, history))]
-    lines += ["## Figures", ""]
-    if gallery:
-        plot_error_gallery(gallery, run_dir / ERROR_GALLERY_PNG)
-        lines += [
-            f"The {HEADLINE_VARIANT} variant's test mistakes it was most sure about "
-            "(highest probability on the wrong class), most confident first:",
-            "",
-            f"![most confident mistakes]({ERROR_GALLERY_PNG})",
-            "",
-        ]
+    lines += [*_subgroup_section(metrics, run_dir), *_triage_section(metrics), *_calibration_section(metrics, run_dir)]
+    lines += [*_fusion_section(_fusion_weights(metrics, record, history)), "## Figures", ""]
+    lines += _gallery_lines(gallery, run_dir)
     confusion = _headline_confusion(metrics)
     if confusion is not None:
         plot_confusion_matrix(confusion[0], confusion[1], run_dir / CONFUSION_MATRIX_PNG)
