@@ -1,4 +1,4 @@
-"""Tests of utilities/evaluation.py: metrics against hand-computed values, sizes, plots, report.
+"""Tests of utilities/evaluation.py: metrics against hand-computed values, agreement, sizes, latency (report: test_report.py).
 
 .venv/bin/python -m pytest tests/test_evaluation.py -q
 """
@@ -13,11 +13,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from utilities import evaluation as ev
-from utilities import report as rp
-from utilities.runs import DataRecord, RunRecord
 from utilities.schema import CLASS_NAMES, NUM_CLASSES
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("A", "B", "C", "D")  # D never occurs in y_true nor in the predictions
 
 
@@ -146,91 +143,3 @@ def test_latency_discards_warmup_and_reports_milliseconds():
     assert 2.0 <= result["median"] <= result["p90"] < 1000
     with pytest.raises(ValueError, match="repeats"):
         ev.latency_ms(predict_one, repeats=0)
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data.startswith(PNG_MAGIC) and len(data) > 2000, path
-
-
-def test_plots_write_pngs(tmp_path):
-    cm = [[5, 1, 0, 0], [0, 3, 2, 0], [0, 0, 4, 0], [0, 0, 0, 0]]  # last class without support
-    _assert_png(rp.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"))
-    history = {"loss": [1.0, 0.7], "val_loss": [1.1, 0.9], "accuracy": [0.5, 0.6], "balanced_accuracy": [0.3, None]}
-    _assert_png(rp.plot_training_curves(history, tmp_path / "sub" / "curves.png"))
-    _assert_png(rp.plot_training_curves({}, tmp_path / "empty.png"))  # resumed run without history
-
-
-def _metrics() -> dict:
-    y_true = np.array([0, 0, 0, 1, 1, 2])
-    model = {
-        "val": ev.compute_metrics(y_true, _probs_for([0, 0, 0, 1, 2, 2]), NAMES),
-        "test": ev.compute_metrics(y_true, _probs_for([0, 0, 1, 1, 2, 2]), NAMES),
-        "size_bytes": 28_500_000,
-        "gzip_bytes": 26_000_000,
-        "latency_ms": {"median": 41.5, "p90": 44.0},
-        "params": 7_100_000,
-    }
-    tflite = {"test": ev.compute_metrics(y_true, _probs_for([0, 1, 1, 1, 2, 2]), NAMES), "latency_ms": 12.0}
-    return {"variants": {"model": model, "int8": {**tflite, "agreement": 0.8333}}}
-
-
-def test_comparison_rows_are_flat_and_tolerate_missing_keys():
-    rows = rp.comparison_rows(_metrics())
-    assert [r["variant"] for r in rows] == ["model", "int8"]
-    assert rows[0]["test_balanced_accuracy"] == pytest.approx(13 / 18)
-    assert rows[0]["latency_ms_median"] == 41.5 and rows[0]["latency_ms_p90"] == 44.0
-    assert rows[1]["latency_ms_median"] == 12.0 and rows[1]["size_bytes"] is None
-    assert rows[1]["val_balanced_accuracy"] is None
-    assert all(not isinstance(v, dict | list) for row in rows for v in row.values())
-
-
-def test_report_has_summary_tables_and_figures(tmp_path):
-    record = RunRecord(
-        run_id="20240101-abc",
-        model_name="base_model",
-        uri="",
-        started="",
-        data=DataRecord(tag="dataset_v01", manifest="", manifest_sha256="f" * 64),
-        code={"git_commit": "b4d23f8"},
-        devices=["/cpu:0", "/cpu:1"],
-    )
-    history = {"loss": [1.0, 0.8], "val_loss": [1.2, 1.0], "fusion/image": [0.5, 0.62], "fusion/metadata": [0.5, 0.38]}
-    path = rp.write_report(tmp_path / "run", _metrics(), record, history)
-
-    text = path.read_text()
-    assert path.name == "report.md"
-    for expected in ("base_model", "20240101-abc", "dataset_v01", "f" * 64, "b4d23f8", "/cpu:0, /cpu:1"):
-        assert expected in text, expected
-    assert "| variant | test bal. acc. |" in text
-    assert "| model | 0.7222 | 0.6667 |" in text  # balanced accuracy 13/18, accuracy 4/6
-    assert "| int8 | 0.6111 |" in text and "| 12.00 | — | 0.8333 |" in text  # missing params → —
-    assert "| A | 3 | 0.6667 | 0.3333 |" in text  # per-class recall: class, support, model, int8
-    assert "| image | 0.6200 |" in text  # fusion weights from the last epoch of the history
-    assert "![confusion matrix](confusion_matrix.png)" in text
-    assert "![training curves](training_curves.png)" in text
-    _assert_png(tmp_path / "run" / "confusion_matrix.png")
-    _assert_png(tmp_path / "run" / "training_curves.png")
-
-
-def test_report_without_test_metrics_or_history(tmp_path):
-    path = rp.write_report(tmp_path, {"variants": {"student": {"size_bytes": 1000}}}, None, {})
-    text = path.read_text()
-    assert "| student | — |" in text
-    assert "confusion_matrix.png" not in text and (tmp_path / "training_curves.png").exists()
-
-
-def test_a_variant_answering_one_class_is_flagged_with_its_agreement(tmp_path):
-    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
-    constant = ev.compute_metrics(y_true, _probs_for([1] * 10), NAMES)
-    assert (constant["top_class"], constant["top_class_share"]) == ("B", 1.0)
-    metrics = _metrics()
-    metrics["variants"]["int8"] = {"val": constant, "agreement": 1.0}  # "agreement" with a constant model
-    (line,) = rp.collapse_warnings(metrics)
-    assert (
-        line
-        == "int8 predicts B for 100% of val (balanced accuracy 0.250); its agreement 1.000 with the float model means as little"
-    )
-    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
-    assert f"> **Warning:** {line}." in text
-    assert rp.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag

@@ -1,7 +1,10 @@
 """The run's `report.md`: summary, variant and per-class tables, warnings, and its figures.
 
-    write_report(run_dir, metrics, record, history)   # metrics.json content, run record, Keras history
+    write_report(run_dir, metrics, record, history, gallery=None)
+    # metrics.json content, run record, Keras history, optional most-confident-mistakes thumbnails
 
+Sections and figures from metrics.json's analysis keys (bootstrap intervals, calibration, triage,
+subgroups) appear only when those keys are there, so an older metrics.json renders as before.
 Matplotlib on the Agg canvas (no pyplot state); no TensorFlow.
 """
 
@@ -15,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from utilities.runs import RunRecord
@@ -22,11 +27,16 @@ from utilities.schema import CLASS_NAMES
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 TRAINING_CURVES_PNG = "training_curves.png"
+RELIABILITY_PNG = "reliability.png"
+SUBGROUPS_PNG = "subgroups.png"
+ERROR_GALLERY_PNG = "error_gallery.png"
 REPORT_MD = "report.md"
 HEADLINE_VARIANT = "model"  # the trained (uncompressed) model; its confusion matrix goes in the report
 
 # Panels of the training-curves figure: title → history key (validation key is "val_" + key).
 _CURVE_PANELS = {"loss": "loss", "accuracy": "accuracy", "balanced accuracy": "balanced_accuracy"}
+MIN_SUBGROUP_SUPPORT = 20  # subgroups with fewer test images are shown but not compared (too noisy)
+_MAX_PANEL_COLUMNS = 4  # reliability panels per row
 
 
 # ── plots ─────────────────────────────────────────────────────────────────────────────────────
@@ -80,6 +90,150 @@ def plot_training_curves(history: dict[str, list[float]], path: str | os.PathLik
     return _save(fig, path)
 
 
+def _grid(n: int, max_columns: int) -> tuple[int, int]:
+    """(rows, columns) of a grid holding n panels, at most `max_columns` wide."""
+    columns = max(1, min(n, max_columns))
+    return math.ceil(n / columns), columns
+
+
+def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
+    """PNG with one reliability diagram per variant: accuracy vs mean confidence per bin, and the diagonal.
+
+    `panels` maps variant name → a split's `reliability` dict (`bins`, `ece`, per-bin `confidence`,
+    `accuracy` (None for an empty bin) and `count`). Grey bars: share of the images in each
+    equal-width confidence bin; point area grows with the bin's count.
+    """
+    rows, columns = _grid(len(panels), _MAX_PANEL_COLUMNS)
+    fig = Figure(figsize=(0.5 + 2.9 * columns, 0.8 + 2.9 * rows), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.04)  # keeps one panel's "1" off the next one's "0"
+    axes = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_axis_off()
+        axes[rows - 2, list(axes[-1]).index(ax)].xaxis.set_tick_params(
+            labelbottom=True
+        )  # the panel above ends its column
+    for index, (ax, (name, reliability)) in enumerate(zip(axes.flat, panels.items(), strict=False)):
+        bins = int(reliability.get("bins") or len(reliability["count"]))
+        counts = np.asarray(reliability["count"], dtype=float)
+        share = counts / max(counts.sum(), 1.0)
+        ax.bar(
+            (np.arange(bins) + 0.5) / bins,
+            share,
+            width=1.0 / bins,
+            color="0.88",
+            edgecolor="0.7",
+            label="share of images",
+        )
+        filled = [
+            (conf, acc, count)
+            for conf, acc, count in zip(reliability["confidence"], reliability["accuracy"], counts, strict=False)
+            if conf is not None and acc is not None
+        ]
+        if filled:
+            conf, acc, count = (np.asarray(column, dtype=float) for column in zip(*filled, strict=True))
+            ax.plot(conf, acc, color="C0", linewidth=1, zorder=3)
+            area = 12 + 120 * count / count.max()
+            ax.scatter(conf, acc, s=area, color="C0", zorder=4, clip_on=False, label="accuracy (area ∝ images)")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1, label="perfectly calibrated")
+        ece = reliability.get("ece")
+        ax.set_title(name if ece is None else f"{name}  ECE {ece:.3f}", fontsize=10)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
+        ax.grid(alpha=0.3)
+        if index == 0:
+            ax.legend(fontsize=7, loc="upper left", markerscale=0.6)
+    fig.supxlabel("confidence (top-1 probability, binned)", fontsize=10)
+    fig.supylabel("accuracy", fontsize=10)
+    fig.suptitle("Reliability (test)")
+    return _save(fig, path)
+
+
+def _bar_colour(value: float | None, count: int, overall: float | None, min_support: int) -> str:
+    """Grey: too few images to compare; orange: below the whole split's value; blue: at or above it."""
+    if count < min_support:
+        return "0.82"
+    return "C1" if overall is not None and value is not None and value < overall else "C0"
+
+
+def plot_subgroups(
+    subgroups: dict[str, dict[str, dict]],
+    path: str | os.PathLike,
+    overall: float | None = None,
+    min_support: int = MIN_SUBGROUP_SUPPORT,
+) -> Path:
+    """PNG with one panel per attribute (sex, age, site): balanced accuracy per group as horizontal bars.
+
+    `subgroups` is a split's `subgroups` dict (attribute → group → {"n", "balanced_accuracy", …});
+    `overall` (the split's balanced accuracy) is a dashed line, groups below it are orange, groups
+    with fewer than `min_support` images grey and hatched (shown, not compared).
+    """
+    attributes = {name: groups for name, groups in subgroups.items() if groups}
+    heights = [len(groups) + 1.0 for groups in attributes.values()]
+    fig = Figure(figsize=(6.8, 1.4 + 0.28 * sum(heights)), layout="constrained")
+    grid = {"height_ratios": heights}
+    axes = fig.subplots(len(attributes), 1, squeeze=False, sharex=True, gridspec_kw=grid)[:, 0]
+    for ax, (attribute, groups) in zip(axes, attributes.items(), strict=True):
+        values = [stats.get("balanced_accuracy") for stats in groups.values()]
+        counts = [int(stats.get("n") or 0) for stats in groups.values()]
+        colours = [_bar_colour(v, n, overall, min_support) for v, n in zip(values, counts, strict=True)]
+        positions = np.arange(len(groups))
+        bars = ax.barh(positions, [v or 0.0 for v in values], color=colours, edgecolor="0.45", linewidth=0.6)
+        for bar, count in zip(bars, counts, strict=True):
+            bar.set_hatch("///" if count < min_support else "")
+        if overall is not None:
+            ax.axvline(overall, color="0.25", linestyle="--", linewidth=1)
+        for y, value, count in zip(positions, values, counts, strict=True):
+            label = f"no value  n={count}" if value is None else f"{value:.2f}  n={count}"
+            box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.5}
+            ax.text((value or 0.0) + 0.01, y, label, va="center", fontsize=8, bbox=box)
+        ax.set_yticks(positions, list(groups), fontsize=9)
+        ax.invert_yaxis()  # groups top to bottom in their metrics.json order
+        ax.set_xlim(0, 1.2)  # room for the value and n right of a full bar
+        ax.set_title(attribute, loc="left", fontsize=10, fontweight="bold")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("balanced accuracy (test)")
+    axes[-1].set_xticks(np.linspace(0, 1, 6))
+    handles = [Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}")]
+    if overall is not None:
+        handles = [
+            Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}, at or above all images"),
+            Patch(facecolor="C1", edgecolor="0.45", label=f"n ≥ {min_support}, below all images"),
+            Line2D([], [], color="0.25", linestyle="--", linewidth=1, label=f"all test images ({overall:.2f})"),
+        ]
+    handles.append(
+        Patch(facecolor="0.82", edgecolor="0.45", hatch="///", label=f"n < {min_support}: too few to compare")
+    )
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle("Balanced accuracy by subgroup (test)")
+    return _save(fig, path)
+
+
+def _short(text: str, limit: int = 18) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plot_error_gallery(items: Sequence[dict], path: str | os.PathLike, columns: int = 6) -> Path:
+    """PNG grid of thumbnails, in the given order, each captioned name, `true → predicted`, `p=…`.
+
+    `items`: dicts with "image" (uint8 (H, W, 3)), "name", "true", "predicted" and "probability"
+    (the predicted class's), already sorted most confident first.
+    """
+    if not items:
+        raise ValueError("plot_error_gallery needs at least one item; skip the figure when there are no mistakes")
+    rows, columns = _grid(len(items), columns)
+    fig = Figure(figsize=(1.7 * columns, 2.0 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, item in zip(axes.flat, items, strict=False):
+        ax.imshow(np.asarray(item["image"], dtype=np.uint8))
+        caption = f"{_short(str(item['name']))}\n{item['true']} → {item['predicted']}\np={item['probability']:.2f}"
+        ax.set_title(caption, fontsize=7, linespacing=1.2)
+    fig.suptitle("most confident mistakes (test)")
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +282,8 @@ def comparison_rows(metrics: dict) -> list[dict]:
     for name, variant in metrics.get("variants", {}).items():
         test, val = variant.get("test") or {}, variant.get("val") or {}
         median, p90 = _latency_parts(variant.get("latency_ms"))
+        bal_low, bal_high = _interval(test, "balanced_accuracy")
+        auc_low, auc_high = _interval(test, "macro_auc")
         rows.append(
             {
                 "variant": name,
@@ -142,9 +298,20 @@ def comparison_rows(metrics: dict) -> list[dict]:
                 "latency_ms_p90": p90,
                 "params": variant.get("params"),
                 "agreement": variant.get("agreement"),
+                "test_balanced_accuracy_ci95_low": bal_low,
+                "test_balanced_accuracy_ci95_high": bal_high,
+                "test_macro_auc_ci95_low": auc_low,
+                "test_macro_auc_ci95_high": auc_high,
+                "test_ece": test.get("ece"),
             }
         )
     return rows
+
+
+def _interval(split: dict, key: str) -> tuple[float | None, float | None]:
+    """(low, high) of a split's bootstrap interval of `key`, or (None, None) when it has none."""
+    bounds = (split.get("ci95") or {}).get(key)
+    return (bounds[0], bounds[1]) if bounds else (None, None)
 
 
 def _fmt(value: Any, kind: str = "float") -> str:
@@ -156,6 +323,8 @@ def _fmt(value: Any, kind: str = "float") -> str:
         return f"{value:.2f}"
     if kind == "int":
         return f"{int(value):,}"
+    if kind == "p3":
+        return f"{value:.3f}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -164,12 +333,12 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-_HEADLINE_COLUMNS = (  # (header, row key, format)
+_HEADLINE_COLUMNS = (  # (header, row key, format); "ci": the value with its interval when there is one
     ("variant", "variant", "str"),
-    ("test bal. acc.", "test_balanced_accuracy", "float"),
+    ("test bal. acc.", "test_balanced_accuracy", "ci"),
     ("test acc.", "test_accuracy", "float"),
     ("test macro F1", "test_macro_f1", "float"),
-    ("test macro AUC", "test_macro_auc", "float"),
+    ("test macro AUC", "test_macro_auc", "ci"),
     ("val bal. acc.", "val_balanced_accuracy", "float"),
     ("size MB", "size_bytes", "mb"),
     ("gzip MB", "gzip_bytes", "mb"),
@@ -179,10 +348,35 @@ _HEADLINE_COLUMNS = (  # (header, row key, format)
 )
 
 
+def _cell(row: dict, key: str, kind: str) -> str:
+    """A headline cell; a "ci" column reads `0.716 [0.61, 0.80]` when the row has the interval."""
+    low, high = row.get(f"{key}_ci95_low"), row.get(f"{key}_ci95_high")
+    if kind != "ci" or row[key] is None or low is None or high is None:
+        return _fmt(row[key], "float" if kind == "ci" else kind)
+    return f"{row[key]:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _interval_note(metrics: dict) -> list[str]:
+    """One line saying what the headline intervals are (level and resamples), if any variant has them."""
+    settings = {
+        (ci.get("level", 0.95), ci.get("resamples"))
+        for variant in metrics.get("variants", {}).values()
+        if (ci := (variant.get("test") or {}).get("ci95"))
+    }
+    if not settings:
+        return []
+    how = "; ".join(
+        f"{level:.0%} stratified bootstrap over the test images, {_fmt(resamples, 'int')} resamples"
+        for level, resamples in sorted(settings, key=str)
+    )
+    return [f"Brackets: {how}.", ""]
+
+
 def _headline_section(metrics: dict) -> list[str]:
-    rows = [[_fmt(row[key], kind) for _, key, kind in _HEADLINE_COLUMNS] for row in comparison_rows(metrics)]
+    rows = [[_cell(row, key, kind) for _, key, kind in _HEADLINE_COLUMNS] for row in comparison_rows(metrics)]
     warnings = [f"> **Warning:** {line}." for line in collapse_warnings(metrics)]
-    return ["## Variants", "", *_md_table([h for h, _, _ in _HEADLINE_COLUMNS], rows), "", *warnings, ""]
+    table = _md_table([h for h, _, _ in _HEADLINE_COLUMNS], rows)
+    return ["## Variants", "", *table, "", *_interval_note(metrics), *warnings, ""]
 
 
 def _split_metrics(variant: dict) -> dict:
@@ -190,19 +384,230 @@ def _split_metrics(variant: dict) -> dict:
     return variant.get("test") or variant.get("val") or {}
 
 
-def _recall_section(metrics: dict) -> list[str]:
+def _per_class_section(metrics: dict, key: str = "per_class_recall", title: str = "Per-class recall") -> list[str]:
+    """Table class × variant of a per-class metric (recall, AUC) of each variant's test split."""
     variants = {name: _split_metrics(v) for name, v in metrics.get("variants", {}).items()}
-    variants = {name: m for name, m in variants.items() if m.get("per_class_recall")}
+    variants = {name: m for name, m in variants.items() if m.get(key)}
     if not variants:
         return []
     reference = variants.get(HEADLINE_VARIANT) or next(iter(variants.values()))
-    classes = list(reference["per_class_recall"])
+    classes = list(reference[key])
     support = reference.get("support", {})
+    rows = [[c, _fmt(support.get(c), "int"), *(_fmt(m[key].get(c)) for m in variants.values())] for c in classes]
+    return [f"## {title} (test)", "", *_md_table(["class", "support", *variants], rows), ""]
+
+
+# ── calibration, triage, subgroups (metrics.json's analysis keys; each section only with its data) ──
+
+
+def _splits(variant: dict) -> tuple[dict, dict]:
+    return variant.get("val") or {}, variant.get("test") or {}
+
+
+def _calibration_section(metrics: dict, run_dir: Path) -> list[str]:
+    """ECE per variant and split; for temperature-scaled variants, before → after; the reliability figure."""
+    variants = metrics.get("variants", {})
+    calibrated = {name: v for name, v in variants.items() if v.get("calibration")}
+    lines = [*_ece_table(variants), *(_temperature_table(calibrated) if calibrated else [])]
+    if not lines:
+        return []
+    if panels := _reliability_panels(metrics):
+        plot_reliability(panels, run_dir / RELIABILITY_PNG)
+        lines += [f"![reliability diagrams]({RELIABILITY_PNG})", ""]
+    return ["## Calibration", "", *lines]
+
+
+def _ece_table(variants: dict[str, dict]) -> list[str]:
+    """Variant × (val ECE, test ECE) and what ECE is; nothing when no variant has one."""
+    eces = {name: tuple(split.get("ece") for split in _splits(v)) for name, v in variants.items()}
     rows = [
-        [c, _fmt(support.get(c), "int"), *(_fmt(m["per_class_recall"].get(c)) for m in variants.values())]
-        for c in classes
+        [name, _fmt(val, "p3"), _fmt(test, "p3")] for name, (val, test) in eces.items() if (val, test) != (None, None)
     ]
-    return ["## Per-class recall (test)", "", *_md_table(["class", "support", *variants], rows), ""]
+    if not rows:
+        return []
+    reliability = [split.get("reliability") or {} for v in variants.values() for split in _splits(v)]
+    bins = next((r["bins"] for r in reliability if r.get("bins")), None)
+    binning = f"{bins} equal-width confidence bins" if bins else "equal-width confidence bins"
+    note = (
+        f"ECE: expected calibration error, the image-weighted mean |accuracy − confidence| over {binning}; "
+        "0 is perfectly calibrated. A temperature-scaled variant's values are those after scaling."
+    )
+    return [*_md_table(["variant", "val ECE", "test ECE"], rows), "", note, ""]
+
+
+def _before_after(before: Any, after: Any) -> str:
+    return f"{_fmt(before, 'p3')} → {_fmt(after, 'p3')}"
+
+
+def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
+    """Temperature, ECE and balanced accuracy before → after scaling; a warning if the accuracy moved."""
+    header = ["variant", "temperature", "val ECE", "test ECE", "val bal. acc.", "test bal. acc."]
+    rows, warnings = [], []
+    for name, variant in calibrated.items():
+        cal, splits = variant["calibration"], dict(zip(("val", "test"), _splits(variant), strict=True))
+        ece_before, ece_after = cal.get("ece_before") or {}, cal.get("ece_after") or {}
+        acc_before = cal.get("balanced_accuracy_before") or {}
+        row = [name, _fmt(cal.get("temperature"), "p3")]
+        row += [_before_after(ece_before.get(s), ece_after.get(s, splits[s].get("ece"))) for s in splits]
+        row += [_before_after(acc_before.get(s), splits[s].get("balanced_accuracy")) for s in splits]
+        rows.append(row)
+        for split, m in splits.items():
+            before, after = acc_before.get(split), m.get("balanced_accuracy")
+            if before is not None and after is not None and abs(before - after) > 1e-9:
+                warnings.append(
+                    f"> **Warning:** {name}'s {split} balanced accuracy changed with temperature scaling "
+                    f"({before:.4f} → {after:.4f}); dividing logits by one temperature cannot change a prediction."
+                )
+    intro = "Temperature scaling divides the logits by one fitted temperature: it changes confidence, not predictions."
+    return [
+        "### Temperature scaling",
+        "",
+        intro,
+        "",
+        *_md_table(header, rows),
+        "",
+        *warnings,
+        *([""] if warnings else []),
+    ]
+
+
+def _reliability_panels(metrics: dict) -> dict[str, dict]:
+    """Variant → its test `reliability` dict, for variants that have one with at least one filled bin."""
+    panels = {}
+    for name, variant in metrics.get("variants", {}).items():
+        reliability = (variant.get("test") or {}).get("reliability")
+        if reliability and any(c is not None for c in reliability.get("confidence", [])):
+            panels[name] = {"ece": (variant.get("test") or {}).get("ece"), **reliability}
+    return panels
+
+
+_MALIGNANT = "MEL, BCC, SCC, AK"
+_TRIAGE_TASKS = {"melanoma": "melanoma vs rest", "malignant": f"malignant ({_MALIGNANT}) vs benign"}
+
+
+def _spec_label(key: str) -> str:
+    return f"sens. @ {float(key):.0%} spec."
+
+
+def _triage_section(metrics: dict) -> list[str]:
+    """Per variant and binary task (test): positives, negatives, AUC, sensitivity at fixed specificities."""
+    triage = {name: (v.get("test") or {}).get("triage") for name, v in metrics.get("variants", {}).items()}
+    triage = {name: t for name, t in triage.items() if t}
+    if not triage:
+        return []
+    specs = sorted(
+        {k for t in triage.values() for task in t.values() for k in task.get("sensitivity_at_specificity", {})},
+        key=float,
+    )
+    rows = []
+    for name, tasks in triage.items():
+        for task, label in _TRIAGE_TASKS.items():
+            if task not in tasks:
+                continue
+            t = tasks[task]
+            sens = t.get("sensitivity_at_specificity") or {}
+            rows.append(
+                [
+                    name,
+                    label,
+                    _fmt(t.get("positives"), "int"),
+                    _fmt(t.get("negatives"), "int"),
+                    _fmt(t.get("auc"), "p3"),
+                    *(_fmt(sens.get(k), "p3") for k in specs),
+                ]
+            )
+    header = ["variant", "task", "positives", "negatives", "AUC", *map(_spec_label, specs)]
+    note = (
+        "Sensitivity at a specificity: the share of positives caught when the threshold on the task's probability "
+        "is set so that that share of negatives is cleared (thresholds in metrics.json)."
+    )
+    return ["## Triage (test)", "", *_md_table(header, rows), "", note, ""]
+
+
+def _largest_gap(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_SUBGROUP_SUPPORT) -> dict | None:
+    """The attribute whose groups (n ≥ min_support, with a value) differ most in balanced accuracy.
+
+    Returns {"attribute", "best", "worst", "gap"} (group names, gap in balanced accuracy), or None
+    when no attribute has two such groups.
+    """
+    largest = None
+    for attribute, groups in subgroups.items():
+        scored = {
+            g: s["balanced_accuracy"]
+            for g, s in groups.items()
+            if (s.get("n") or 0) >= min_support and s.get("balanced_accuracy") is not None
+        }
+        if len(scored) < 2:
+            continue
+        best, worst = max(scored, key=scored.get), min(scored, key=scored.get)
+        gap = scored[best] - scored[worst]
+        if largest is None or gap > largest["gap"]:
+            largest = {"attribute": attribute, "best": best, "worst": worst, "gap": gap}
+    return largest
+
+
+def _gap_sentence(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_SUBGROUP_SUPPORT) -> str:
+    gap = _largest_gap(subgroups, min_support)
+    if gap is None:
+        return f"No attribute has two groups with ≥ {min_support} test images, so no gap between groups is named."
+    groups = subgroups[gap["attribute"]]
+    best, worst = groups[gap["best"]], groups[gap["worst"]]
+    return (
+        f"Largest gap between groups with ≥ {min_support} test images: by {gap['attribute']}, "
+        f"{gap['worst']} {worst['balanced_accuracy']:.3f} (n={worst['n']}) vs {gap['best']} "
+        f"{best['balanced_accuracy']:.3f} (n={best['n']}), {gap['gap']:.3f} balanced accuracy apart."
+    )
+
+
+def _headline_subgroups(metrics: dict) -> dict[str, dict[str, dict]]:
+    return ((metrics.get("variants", {}).get(HEADLINE_VARIANT) or {}).get("test") or {}).get("subgroups") or {}
+
+
+def _subgroup_section(metrics: dict, run_dir: Path) -> list[str]:
+    """Per attribute a table group × (n, balanced accuracy, per-class recall), the largest gap, the figure."""
+    subgroups = {attribute: groups for attribute, groups in _headline_subgroups(metrics).items() if groups}
+    if not subgroups:
+        return []
+    overall = (metrics["variants"][HEADLINE_VARIANT].get("test") or {}).get("balanced_accuracy")
+    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, overall)
+    lines = [f"## Subgroups ({HEADLINE_VARIANT}, test)", ""]
+    for attribute, groups in subgroups.items():
+        classes = list(next((s["per_class_recall"] for s in groups.values() if s.get("per_class_recall")), {}))
+        rows = [
+            [
+                group,
+                _fmt(s.get("n"), "int"),
+                _fmt(s.get("balanced_accuracy"), "p3"),
+                *(_fmt((s.get("per_class_recall") or {}).get(c), "p3") for c in classes),
+            ]
+            for group, s in groups.items()
+        ]
+        header = ["group", "n", "bal. acc.", *(f"{c} recall" for c in classes)]
+        lines += [f"### {attribute}", "", *_md_table(header, rows), ""]
+    return [
+        *lines,
+        _gap_sentence(subgroups),
+        "",
+        f"Groups with fewer than {MIN_SUBGROUP_SUPPORT} test images are listed but too small to compare "
+        "(hatched grey in the figure); orange bars are groups below the whole test split.",
+        "",
+        f"![balanced accuracy by subgroup]({SUBGROUPS_PNG})",
+        "",
+    ]
+
+
+def _gallery_lines(gallery: Sequence[dict] | None, run_dir: Path) -> list[str]:
+    """The error gallery figure and its one-line caption, when there are items."""
+    if not gallery:
+        return []
+    plot_error_gallery(gallery, run_dir / ERROR_GALLERY_PNG)
+    return [
+        f"The {HEADLINE_VARIANT} variant's test mistakes it was most sure about "
+        "(highest probability on the wrong class), most confident first:",
+        "",
+        f"![most confident mistakes]({ERROR_GALLERY_PNG})",
+        "",
+    ]
 
 
 def _fusion_weights(metrics: dict, record: RunRecord | None, history: dict) -> dict[str, float]:
@@ -250,18 +655,28 @@ def _headline_confusion(metrics: dict) -> tuple[list[list[int]], list[str]] | No
     return None
 
 
-def write_report(run_dir: Path, metrics: dict, record: RunRecord | None, history: dict[str, list[float]]) -> Path:
-    """Write `report.md` plus its `confusion_matrix.png` and `training_curves.png` into `run_dir`.
+def write_report(
+    run_dir: Path,
+    metrics: dict,
+    record: RunRecord | None,
+    history: dict[str, list[float]],
+    gallery: Sequence[dict] | None = None,
+) -> Path:
+    """Write `report.md` plus its figures into `run_dir`; returns the report's path.
 
-    `metrics` is metrics.json, `record` the run's record (None: no run section), `history` Keras
-    `History.history` (may be empty).
+    Always `training_curves.png`; `confusion_matrix.png`, `subgroups.png`, `reliability.png` and
+    `error_gallery.png` only when their data is there. `metrics` is metrics.json, `record` the run's
+    record (None: no run section), `history` Keras `History.history` (may be empty), `gallery` the
+    headline variant's most confident test mistakes (see `plot_error_gallery`), or None.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     title = record.model_name if record else "model"
     lines = [f"# Training report: {title}", "", *_summary_section(record), *_headline_section(metrics)]
-    lines += [*_recall_section(metrics), *_fusion_section(_fusion_weights(metrics, record, history))]
-    lines += ["## Figures", ""]
+    lines += [*_per_class_section(metrics), *_per_class_section(metrics, "per_class_auc", "Per-class AUC")]
+    lines += [*_subgroup_section(metrics, run_dir), *_triage_section(metrics), *_calibration_section(metrics, run_dir)]
+    lines += [*_fusion_section(_fusion_weights(metrics, record, history)), "## Figures", ""]
+    lines += _gallery_lines(gallery, run_dir)
     confusion = _headline_confusion(metrics)
     if confusion is not None:
         plot_confusion_matrix(confusion[0], confusion[1], run_dir / CONFUSION_MATRIX_PNG)
