@@ -29,6 +29,7 @@ import tensorflow as tf
 import tf_keras
 
 from utilities import data, distribution, feature_cache, report, storage, tracking, variant_eval
+from utilities.calibration import calibrate
 from utilities.callbacks import (
     BACKUP_SECONDS,
     Backup,
@@ -39,6 +40,7 @@ from utilities.callbacks import (
 )
 from utilities.config import Config
 from utilities.model import build_model, compile_model, fusion_weights, load_model, save_model, save_recalibrated
+from utilities.predictions import write_predictions
 from utilities.runs import (
     RunError,
     RunFolder,
@@ -52,7 +54,7 @@ from utilities.runs import (
     read_history,
     write_json,
 )
-from utilities.variant_eval import VariantResult
+from utilities.variant_eval import VariantResult, most_confident_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
                 log.warning(line)
         record.finished = now()
         if folder.publish:
-            publish(config, folder, result, tracker)
+            publish(config, folder, result, tracker, datasets)
         tracker.finish(0)
     except BaseException:
         tracker.finish(1)
@@ -171,9 +173,12 @@ def evaluate_variants(config: Config, model, datasets, folder: RunFolder, strate
     # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
     # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
     evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
-    reference = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"))
+    resamples = config.evaluation.bootstrap
+    reference = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"), resamples=resamples)
     log.info("val balanced accuracy %.3f", reference.metrics["val"]["balanced_accuracy"])
     if not config.compression.enabled:
+        if config.evaluation.calibrate:
+            calibrate(evaluated, reference, folder.path("model"), datasets.identities, resamples)
         return {"model": reference}
     from utilities import compression
 
@@ -251,18 +256,18 @@ def fit(
 # ---------------------------------------------------------------------- outputs
 
 
-def publish(config: Config, folder: RunFolder, result: RunResult, tracker) -> None:
-    """metrics.json, the report, W&B summary and model, the SavedModel export; then run.json and latest.json."""
+def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datasets) -> None:
+    """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export;
+    then run.json and latest.json."""
     metrics, record = result.metrics, result.record
     write_json(folder.path("metrics.json"), metrics)
-    written = report.write_report(folder.local, metrics, record, read_history(folder.path("history.csv")))
+    write_predictions(folder.path("predictions"), result.variants, datasets.identities)
+    names = datasets.identities["test"].names
+    gallery = most_confident_mistakes(datasets.test, result.variants["model"], names, config.evaluation.gallery)
+    history = read_history(folder.path("history.csv"))
+    written = report.write_report(folder.local, metrics, record, history, gallery=gallery)
     model = metrics["variants"]["model"]
-    tracker.log_summary(
-        {
-            "val/balanced_accuracy": model["val"]["balanced_accuracy"],
-            "test/balanced_accuracy": model["test"]["balanced_accuracy"],
-        }
-    )
+    tracker.log_summary(summary_values(model))
     tracker.log_table("variants", report.comparison_rows(metrics))
     tracker.log_images({p.stem: p for p in folder.local.glob("*.png")})
     tracker.log_model(folder.path("model"), record.model_name, record.data.tag, record.data.manifest_sha256)
@@ -277,6 +282,23 @@ def publish(config: Config, folder: RunFolder, result: RunResult, tracker) -> No
     publish_files(folder)
     point_latest_at(config, record)
     log.info("model, metrics and report: %s (report: %s)", folder.uri, written.name)
+
+
+def summary_values(model: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's headline numbers for the tracker's run summary: `val/balanced_accuracy`, …"""
+    values: dict[str, Any] = {}
+    for split in ("val", "test"):
+        m = model[split]
+        values |= {f"{split}/{key}": m.get(key) for key in ("balanced_accuracy", "macro_auc", "ece")}
+        ci95 = m.get("ci95") or {}
+        for key in ("balanced_accuracy", "macro_auc"):
+            if ci95.get(key):
+                values |= {f"{split}/{key}_ci95_low": ci95[key][0], f"{split}/{key}_ci95_high": ci95[key][1]}
+        for name, triage in (m.get("triage") or {}).items():
+            values[f"{split}/{name}_auc"] = triage.get("auc")
+    if "calibration" in model:
+        values["temperature"] = model["calibration"]["temperature"]
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def export_saved_model(model_folder: Path) -> None:

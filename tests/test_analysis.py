@@ -336,11 +336,13 @@ def test_largest_gap_picks_attribute_and_respects_min_support():
 def test_analyse_returns_json_ready_sections():
     y, probs = _model(500, seed=4)
     result = an.analyse(y, probs, _metadata(500, seed=1), resamples=100)
-    assert list(result) == ["ci95", "ece", "reliability", "triage", "subgroups"]
+    assert set(result) == {"ci95", "ece", "reliability", "triage", "subgroups"}
     assert result["ci95"]["resamples"] == 100
     assert result["ece"] == result["reliability"]["ece"]
     assert an.largest_gap(result["subgroups"]) is not None
     json.dumps(result, allow_nan=False)
+    # No resamples: no interval; no metadata (records of unknown origin): no subgroups.
+    assert set(an.analyse(y, probs, None, resamples=0)) == {"ece", "reliability", "triage"}
 
 
 def test_compute_metrics_per_class_auc():

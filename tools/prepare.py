@@ -301,6 +301,7 @@ def example_bytes(pixels: bytes, record: Record) -> bytes:
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pixels])),
         "metadata": tf.train.Feature(int64_list=tf.train.Int64List(value=record.metadata)),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=one_hot(record.label))),
+        "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.image.encode("utf-8")])),
     }
     # `feature` is a protobuf map: without deterministic=True its wire order follows a per-process
     # hash seed, so two runs wrote the same records as different bytes (new sha256, new DVC object).

@@ -22,9 +22,8 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from utilities.evaluation import _check_inputs
-from utilities.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, SEXES, SITES
+from utilities.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, PROBABILITY_FLOOR, SEXES, SITES
 
-_EPS = 1e-12  # probabilities are clipped here before log: a hard 0 would be an infinite logit
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 _SPECIFICITIES = (0.80, 0.95)  # triage operating points
 # Triage groups: the malignant lesions (AK counts as pre-malignant but needs treatment too).
@@ -167,7 +166,7 @@ def expected_calibration_error(y_true, probs, bins: int = 15) -> float:
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
     """log p (N, C): the logits up to a per-row constant for a softmax model."""
-    return np.log(np.clip(probs, _EPS, None))
+    return np.log(np.clip(probs, PROBABILITY_FLOOR, None))  # a hard 0 would be an infinite logit
 
 
 def fit_temperature(y_true, probs) -> float:
@@ -331,7 +330,10 @@ def subgroups(y_true, probs, metadata, class_names: Sequence[str] = CLASS_NAMES)
     return out
 
 
-def largest_gap(subgroups_dict: dict, min_support: int = 20) -> dict | None:
+MIN_SUPPORT = 20  # groups with fewer images are listed, not compared: one image moves them by ≥ 0.05
+
+
+def largest_gap(subgroups_dict: dict, min_support: int = MIN_SUPPORT) -> dict | None:
     """The attribute whose groups (n >= min_support) differ most in balanced accuracy, or None.
 
     Returns {"attribute", "best", "best_balanced_accuracy", "worst", "worst_balanced_accuracy",
@@ -342,7 +344,7 @@ def largest_gap(subgroups_dict: dict, min_support: int = 20) -> dict | None:
         scores = {
             g: m["balanced_accuracy"]
             for g, m in groups.items()
-            if m["n"] >= min_support and m["balanced_accuracy"] is not None
+            if (m.get("n") or 0) >= min_support and m.get("balanced_accuracy") is not None
         }
         if len(scores) < 2:
             continue
@@ -365,15 +367,15 @@ def largest_gap(subgroups_dict: dict, min_support: int = 20) -> dict | None:
 
 
 def analyse(
-    y_true, probs, metadata, resamples: int = 1000, seed: int = 0, class_names: Sequence[str] = CLASS_NAMES
+    y_true, probs, metadata=None, resamples: int = 1000, seed: int = 0, class_names: Sequence[str] = CLASS_NAMES
 ) -> dict:
-    """The analysis merged into one split's metrics: ci95, ece, reliability, triage, subgroups."""
+    """The analysis merged into one split's metrics: ci95 (none when `resamples` is 0), ece, reliability,
+    triage and, when the records' `metadata` (N, 28) is known, subgroups."""
     y_true, probs = _inputs(y_true, probs, len(class_names))
     diagram = reliability(y_true, probs)
-    return {
-        "ci95": bootstrap_ci(y_true, probs, resamples=resamples, seed=seed, level=0.95),
-        "ece": diagram["ece"],
-        "reliability": diagram,
-        "triage": triage(y_true, probs, class_names),
-        "subgroups": subgroups(y_true, probs, metadata, class_names),
-    }
+    result = {"ece": diagram["ece"], "reliability": diagram, "triage": triage(y_true, probs, class_names)}
+    if resamples:
+        result["ci95"] = bootstrap_ci(y_true, probs, resamples=resamples, seed=seed, level=0.95)
+    if metadata is not None:
+        result["subgroups"] = subgroups(y_true, probs, metadata, class_names)
+    return result

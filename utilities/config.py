@@ -280,6 +280,26 @@ _NAME = r"[A-Za-z0-9._-]+"  # a model name or run id: one path segment
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    calibrate: bool = field(
+        default=False,
+        metadata=switch(
+            "--calibrate",
+            help="fit one temperature per Keras variant on the validation split and fold it into the exported "
+            "model (TFLite variants are converted from the calibrated models); balanced accuracy is unchanged",
+        ),
+    )
+    bootstrap: int = opt(
+        1000, "--bootstrap", help="resamples of the stratified bootstrap behind every 95%% interval (0: no intervals)"
+    )
+    gallery: int = opt(18, "--gallery", help="most confident test mistakes shown in the report's error gallery")
+
+    def __post_init__(self) -> None:
+        _check(self.bootstrap == 0 or self.bootstrap >= 100, "--bootstrap must be 0 (off) or at least 100 resamples")
+        _check(self.gallery >= 0, "--gallery must be >= 0")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     output: str = opt(
         "outputs",
@@ -370,6 +390,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"title": "Model"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"title": "Training"})
     compression: CompressionConfig = field(default_factory=CompressionConfig, metadata={"title": "Compression"})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"title": "Evaluation"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"title": "Output and tracking"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"title": "Output and tracking"})
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

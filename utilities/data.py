@@ -35,7 +35,7 @@ from utilities.augmentation import Augmentation, augment_dataset, batch_seeds
 from utilities.errors import one_line
 from utilities.manifest import Manifest
 from utilities.progress import Progress
-from utilities.records import count_labels, parse_batches, shards_are_raw
+from utilities.records import Identities, count_labels, parse_batches, read_identities, shards_are_raw
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, NUM_CLASSES, SPLITS
 from utilities.shards import DataError
 
@@ -47,9 +47,11 @@ __all__ = [
     "Augmentation",
     "DataError",
     "Datasets",
+    "EvalData",
     "augment_dataset",
     "batch_seeds",
     "build_datasets",
+    "build_eval_data",
     "class_weights_from_counts",
     "fetch_shards",
     "labels_of",
@@ -130,6 +132,25 @@ class Datasets:
     # epoch e's order and augmentation depend on (seed, e) alone, so a run resumed at (e, s) sees the very
     # batches it would have seen. Fit it with steps_per_epoch.
     train_from: Callable[[int, int, int], tf.data.Dataset] | None = None
+    identities: Mapping[str, Identities] = dataclasses.field(default_factory=dict)  # val/test: names, metadata, labels
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The evaluated splits alone (tools.evaluate): val/test batches in file order and who each row is."""
+
+    val: tf.data.Dataset
+    test: tf.data.Dataset
+    identities: Mapping[str, Identities]  # "val"/"test" → names, metadata, labels in the datasets' order
+    steps_per_epoch: dict[str, int]
+
+
+def build_eval_data(shards: Mapping[str, list[str]], image_size: int, batch: int) -> EvalData:
+    """Val and test pipelines (file order, not augmented) and their records' identities (one label pass)."""
+    identities = {split: read_identities(list(shards.get(split, [])), split) for split in ("val", "test")}
+    steps = {split: math.ceil(len(who.labels) / batch) for split, who in identities.items()}
+    datasets = {split: _eval_dataset(list(shards.get(split, [])), image_size, batch, steps[split]) for split in steps}
+    return EvalData(datasets["val"], datasets["test"], identities, steps)
 
 
 def class_weights_from_counts(counts: Iterable[int]) -> dict[int, float]:
@@ -264,7 +285,9 @@ def build_datasets(
     `shuffle_memory_mb` of serialized records (None: no memory bound); see `shuffle_records`.
     """
     _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
-    class_counts = {split: tuple(int(c) for c in count_labels(list(shards[split]))) for split in SPLITS}
+    evaluated = build_eval_data(shards, image_size, global_batch_size)
+    class_counts = {"train": tuple(int(c) for c in count_labels(list(shards["train"])))}
+    class_counts |= {split: who.class_counts for split, who in evaluated.identities.items()}
     counts = {split: sum(c) for split, c in class_counts.items()}
     steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}
     paths = tuple(shards["train"])
@@ -283,8 +306,9 @@ def build_datasets(
         train=split.one_epoch(),
         train_clean=dataclasses.replace(split, augment=False).one_epoch(),
         train_from=split.stream,
-        val=_eval_dataset(list(shards["val"]), image_size, global_batch_size, steps["val"]),
-        test=_eval_dataset(list(shards["test"]), image_size, global_batch_size, steps["test"]),
+        val=evaluated.val,
+        test=evaluated.test,
+        identities=evaluated.identities,
         class_weights=class_weights_from_counts(class_counts["train"]),
         counts=counts,
         class_counts=class_counts,

@@ -22,7 +22,7 @@ import tf_keras
 
 from utilities.config import ModelConfig
 from utilities.errors import JobError, one_line
-from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES
+from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
 
 # ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,10 +42,14 @@ class FusionLayer(tf_keras.layers.Layer):
     branch (logged every epoch). Always computed in float32, also under mixed precision.
     """
 
-    def __init__(self, branch_names: tuple[str, ...] = ("image", "metadata"), **kwargs):
+    def __init__(self, branch_names: tuple[str, ...] = ("image", "metadata"), temperature: float = 1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.branch_names = tuple(branch_names)
+        # --calibrate: the output becomes softmax(log p / T) (temperature scaling of the mixed probabilities;
+        # the argmax is unchanged). A Python number in the config, not a weight, so checkpoints and models
+        # saved before it existed load unchanged (T = 1). Set it with `set_temperature` before tracing.
+        self.temperature = float(temperature)
 
     def build(self, input_shape):
         self.branch_logits = self.add_weight(
@@ -56,14 +60,26 @@ class FusionLayer(tf_keras.layers.Layer):
     def call(self, inputs):
         weights = tf.nn.softmax(self.branch_logits)  # (n_branches,)
         probs = tf.stack([tf.nn.softmax(tf.cast(x, tf.float32)) for x in inputs], axis=0)  # (n, B, C)
-        return tf.einsum("n,nbc->bc", weights, probs)
+        mixed = tf.einsum("n,nbc->bc", weights, probs)
+        if self.temperature == 1.0:
+            return mixed
+        return tf.nn.softmax(tf.math.log(tf.maximum(mixed, PROBABILITY_FLOOR)) / self.temperature)
 
     def branch_weights(self) -> dict[str, float]:
         values = tf.nn.softmax(self.branch_logits).numpy().tolist()
         return dict(zip(self.branch_names, values, strict=True))
 
     def get_config(self):
-        return {**super().get_config(), "branch_names": list(self.branch_names)}
+        return {**super().get_config(), "branch_names": list(self.branch_names), "temperature": self.temperature}
+
+
+def set_temperature(model: tf_keras.Model, temperature: float) -> None:
+    """Fold a calibration temperature into `model` (every FusionLayer's output); trace or save it afterwards."""
+    fusions = [layer for layer in _all_layers(model) if isinstance(layer, FusionLayer)]
+    if not fusions:
+        raise ModelError(f"model {model.name} has no FusionLayer to carry a calibration temperature")
+    for layer in fusions:
+        layer.temperature = float(temperature)
 
 
 @tf_keras.utils.register_keras_serializable(package="dermaid")
@@ -303,4 +319,5 @@ __all__ = [
     "recalibrate_batchnorm",
     "save_model",
     "save_recalibrated",
+    "set_temperature",
 ]

@@ -5,12 +5,16 @@ Library module (no command line); `utilities.data` builds its pipelines from the
     features, label = parse_example(serialized, image_size=64)      # one record
     batches = parse_batches(records, 64, 32, raw=shards_are_raw(paths, 64))
     count_labels(paths)                                             # int64 [8], labels only
+    who = read_identities(paths, "val")                             # names, metadata, labels in record order
 
 Images are raw uint8 RGB of any square side, JPEG or PNG, resized when needed; pixels stay float32
 in 0..255 (DenseNet preprocessing lives inside the model).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +29,12 @@ _FEATURES = {
     "label": tf.io.FixedLenFeature([NUM_CLASSES], tf.int64),
 }
 _LABEL_ONLY = {"label": _FEATURES["label"]}
+# Evaluation's view of a record: who it is and what is known about it, without its pixels.
+_IDENTITY = {
+    "image_name": tf.io.FixedLenFeature([], tf.string, default_value=""),  # optional: the original's records lack it
+    "metadata": _FEATURES["metadata"],
+    "label": _FEATURES["label"],
+}
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -158,3 +168,38 @@ def count_labels(paths: list[str]) -> np.ndarray:
             f"cannot read labels from {len(paths)} shard(s) starting with {paths[0]}: {one_line(err.message)}"
         ) from None
     return total
+
+
+@dataclass(frozen=True)
+class Identities:
+    """One split's records in file order (the evaluation datasets' order), without pixels."""
+
+    names: tuple[str, ...]  # the record's image_name (ISIC id), else "split/shard/index"
+    metadata: np.ndarray  # int8 (N, 28) multi-hot, schema.METADATA_NAMES order
+    labels: np.ndarray  # int64 (N,) class ids
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in np.bincount(self.labels, minlength=NUM_CLASSES))
+
+
+def read_identities(paths: list[str], split: str) -> Identities:
+    """Names, metadata and labels of every record of `paths`, in order; a record without `image_name` is
+    named `split/shard/index` (shard = file name without suffix, index = record number in it)."""
+    names: list[str] = []
+    metadata, labels = [], []
+    for path in paths:
+        shard, start = Path(path).name.split(".")[0], len(names)
+        batches = tf.data.TFRecordDataset(path).batch(256).map(lambda s: tf.io.parse_example(s, _IDENTITY))
+        try:
+            for batch in batches:
+                for raw in batch["image_name"].numpy():
+                    names.append(raw.decode("utf-8", "replace") or f"{split}/{shard}/{len(names) - start}")
+                metadata.append(batch["metadata"].numpy().astype(np.int8))
+                labels.append(batch["label"].numpy().argmax(axis=1))
+        except tf.errors.OpError as err:
+            verify_shard(path)  # names the bad record when it can
+            raise DataError(f"cannot read shard {path}: {one_line(err.message)}") from None
+    if not labels:
+        return Identities((), np.zeros((0, METADATA_SIZE), np.int8), np.zeros(0, np.int64))
+    return Identities(tuple(names), np.concatenate(metadata), np.concatenate(labels).astype(np.int64))

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from utilities.analysis import MIN_SUPPORT, largest_gap
 from utilities.runs import RunRecord
 from utilities.schema import CLASS_NAMES
 
@@ -35,7 +36,7 @@ HEADLINE_VARIANT = "model"  # the trained (uncompressed) model; its confusion ma
 
 # Panels of the training-curves figure: title → history key (validation key is "val_" + key).
 _CURVE_PANELS = {"loss": "loss", "accuracy": "accuracy", "balanced accuracy": "balanced_accuracy"}
-MIN_SUBGROUP_SUPPORT = 20  # subgroups with fewer test images are shown but not compared (too noisy)
+MIN_SUBGROUP_SUPPORT = MIN_SUPPORT  # subgroups with fewer test images are shown but not compared (too noisy)
 _MAX_PANEL_COLUMNS = 4  # reliability panels per row
 
 
@@ -524,30 +525,8 @@ def _triage_section(metrics: dict) -> list[str]:
     return ["## Triage (test)", "", *_md_table(header, rows), "", note, ""]
 
 
-def _largest_gap(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_SUBGROUP_SUPPORT) -> dict | None:
-    """The attribute whose groups (n ≥ min_support, with a value) differ most in balanced accuracy.
-
-    Returns {"attribute", "best", "worst", "gap"} (group names, gap in balanced accuracy), or None
-    when no attribute has two such groups.
-    """
-    largest = None
-    for attribute, groups in subgroups.items():
-        scored = {
-            g: s["balanced_accuracy"]
-            for g, s in groups.items()
-            if (s.get("n") or 0) >= min_support and s.get("balanced_accuracy") is not None
-        }
-        if len(scored) < 2:
-            continue
-        best, worst = max(scored, key=scored.get), min(scored, key=scored.get)
-        gap = scored[best] - scored[worst]
-        if largest is None or gap > largest["gap"]:
-            largest = {"attribute": attribute, "best": best, "worst": worst, "gap": gap}
-    return largest
-
-
 def _gap_sentence(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_SUBGROUP_SUPPORT) -> str:
-    gap = _largest_gap(subgroups, min_support)
+    gap = largest_gap(subgroups, min_support)
     if gap is None:
         return f"No attribute has two groups with ≥ {min_support} test images, so no gap between groups is named."
     groups = subgroups[gap["attribute"]]

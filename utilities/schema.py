@@ -5,6 +5,8 @@ One `tf.train.Example` per image:
   metadata int64 list, 28: multi-hot, 18 age bins + 8 sites + sex_female, sex_male, in the original
            DermAID column order (pandas get_dummies on text: ages sorted as strings, "45.0" < "5.0")
   label    int64 list, 8: one-hot in CLASS_NAMES order
+  image_name bytes, optional, 1 value: the ISIC image id (tools.prepare writes it; the original's records
+           have none, and evaluation then names a row `split/shard/index`)
 This module has no TensorFlow import so tools and `--help` stay fast.
 """
 
@@ -37,6 +39,8 @@ NUM_CLASSES = len(CLASS_NAMES)
 METADATA_SIZE = len(METADATA_NAMES)  # 28
 DEFAULT_IMAGE_SIZE = 256
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# log(p) of a predicted probability is taken as log(max(p, PROBABILITY_FLOOR)) (temperature scaling).
+PROBABILITY_FLOOR = 1e-12
 
 
 def encode_metadata(age: float | None, site: str | None, sex: str | None) -> list[int]:

@@ -135,6 +135,8 @@ def _check_record(data: bytes, path: str | Path, index: int) -> None:
         raise DataError(f"{where} is not a tf.train.Example: {one_line(err)}") from None
     if len(features["image"].bytes_list.value) != 1:
         raise DataError(f"{where}: feature image must hold exactly one bytes value")
+    if "image_name" in features and len(features["image_name"].bytes_list.value) != 1:
+        raise DataError(f"{where}: feature image_name (optional) must hold exactly one bytes value")
     for key, size in (("metadata", METADATA_SIZE), ("label", NUM_CLASSES)):
         values = features[key].int64_list.value
         if len(values) != size or not set(values) <= {0, 1}:

@@ -1,7 +1,7 @@
 """Evaluate a model variant (Keras model, TFLite file, …) the same way: metrics, size, latency.
 
 Every variant's entry in metrics.json (`VariantResult.metrics`) has `val` and `test` metric dicts
-(utilities.evaluation), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
+(utilities.evaluation, plus utilities.analysis: intervals, calibration, triage, subgroups), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
 compressed variants, `agreement` (top-1 agreement with the float model on validation). The
 predicted probabilities that agreement needs travel beside it (`VariantResult.probabilities`) and
 are never written.
@@ -17,8 +17,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from utilities import evaluation
+from utilities import analysis, evaluation
+from utilities.records import Identities
+from utilities.schema import CLASS_NAMES
+from utilities.shards import DataError
 
+RESAMPLES = 1000  # bootstrap resamples behind each 95 % interval (--bootstrap)
 PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) → probs (B, 8)
 
 
@@ -29,6 +33,7 @@ class VariantResult:
     # val/test metric dicts, size_bytes, gzip_bytes, latency_ms, params, agreement, … or {"error": "..."}
     metrics: dict[str, Any]
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # split ("val", "test") → (N, 8)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # split → true class ids (N,), same order
 
 
 def keras_predict_fn(model) -> PredictFn:
@@ -43,23 +48,44 @@ def first_example(dataset) -> dict[str, tf.Tensor]:
     return features
 
 
-def evaluate_predict_fn(predict: PredictFn, datasets, reference: VariantResult | None = None) -> VariantResult:
-    """Val and test metrics for any batch predictor; top-1 agreement with `reference`'s val probs."""
+def split_metrics(y_true: np.ndarray, probs: np.ndarray, who: Identities | None, resamples: int = RESAMPLES) -> dict:
+    """One split's metrics (utilities.evaluation) and analysis (utilities.analysis): 95 % intervals
+    (`resamples` 0: none), calibration, triage and, when the records' metadata is known (`who`), subgroups."""
+    if who is not None and not np.array_equal(who.labels, y_true):
+        raise DataError("the evaluated labels differ from the records' labels read before: a shard changed meanwhile")
+    metrics = evaluation.compute_metrics(y_true, probs)
+    metrics.update(analysis.analyse(y_true, probs, None if who is None else who.metadata, resamples))
+    return metrics
+
+
+def evaluate_predict_fn(
+    predict: PredictFn, datasets, reference: VariantResult | None = None, resamples: int = RESAMPLES
+) -> VariantResult:
+    """Val and test metrics for any batch predictor; top-1 agreement with `reference`'s val probs.
+
+    `datasets` has `.val`, `.test` and, for subgroups and a label check, `.identities` (utilities.data).
+    """
     result = VariantResult({})
+    identities = getattr(datasets, "identities", None) or {}
     for split in ("val", "test"):
         y_true, probs = evaluation.predict(predict, getattr(datasets, split))
-        result.metrics[split] = evaluation.compute_metrics(y_true, probs)
-        result.probabilities[split] = probs
+        result.metrics[split] = split_metrics(y_true, probs, identities.get(split), resamples)
+        result.probabilities[split], result.labels[split] = probs, y_true
     if reference is not None:
         result.metrics["agreement"] = evaluation.agreement(reference.probabilities["val"], result.probabilities["val"])
     return result
 
 
 def evaluate_variant(
-    predict: PredictFn, datasets, artifact: Path, params: int | None, reference: VariantResult | None = None
+    predict: PredictFn,
+    datasets,
+    artifact: Path,
+    params: int | None,
+    reference: VariantResult | None = None,
+    resamples: int = RESAMPLES,
 ) -> VariantResult:
     """Metrics plus size of the exported artifact and batch-1 latency (median of repeats)."""
-    result = evaluate_predict_fn(predict, datasets, reference)
+    result = evaluate_predict_fn(predict, datasets, reference, resamples)
     one = first_example(datasets.val)
     result.metrics.update(evaluation.artifact_size(artifact))
     result.metrics["latency_ms"] = evaluation.latency_ms(lambda: predict(one))
@@ -67,5 +93,40 @@ def evaluate_variant(
     return result
 
 
-def evaluate_keras(model, datasets, artifact: Path, reference: VariantResult | None = None) -> VariantResult:
-    return evaluate_variant(keras_predict_fn(model), datasets, artifact, int(model.count_params()), reference)
+def evaluate_keras(
+    model, datasets, artifact: Path, reference: VariantResult | None = None, resamples: int = RESAMPLES
+) -> VariantResult:
+    return evaluate_variant(
+        keras_predict_fn(model), datasets, artifact, int(model.count_params()), reference, resamples
+    )
+
+
+def most_confident_mistakes(
+    dataset, result: VariantResult, names: tuple[str, ...], count: int, split: str = "test"
+) -> list[dict[str, Any]]:
+    """The `count` wrong predictions of `split` made with the highest probability, with their pixels
+    (uint8, read again from `dataset`, the split's evaluation batches): the report's error gallery."""
+    probs, labels = result.probabilities.get(split), result.labels.get(split)
+    if not count or probs is None:
+        return []
+    predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    chosen = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    wanted, images, offset = set(chosen.tolist()), {}, 0
+    for features, *_ in dataset:
+        if len(images) == len(wanted):
+            break
+        batch = features["image"].numpy()
+        for row in wanted.intersection(range(offset, offset + len(batch))):
+            images[row] = np.clip(batch[row - offset], 0, 255).astype(np.uint8)
+        offset += len(batch)
+    return [
+        {
+            "image": images[i],
+            "name": names[i],
+            "true": CLASS_NAMES[labels[i]],
+            "predicted": CLASS_NAMES[predicted[i]],
+            "probability": float(confidence[i]),
+        }
+        for i in chosen
+    ]

@@ -12,8 +12,9 @@ saves what they produce, evaluates it (`utilities.variant_eval`), sizes it and r
   `student/model.keras`, BatchNorm statistics re-estimated when they trained), so
   `gzip_ratio_vs_float` compares files of one format; TFLite bytes are written atomically to
   `{source}_{mode}.tflite`;
-- order: pruning → distillation → quantization, which converts the float model and every Keras
-  model produced before it;
+- order: pruning → distillation → (--calibrate: a temperature fitted and folded into the float model
+  and each Keras variant, `utilities.calibration`) → quantization, which converts the float model and
+  every Keras model produced before it, so TFLite variants carry the temperature;
 - a step that fails becomes that variant's `{"error": "<Type>: <one line>"}`, logged in one line;
   the other steps still run and their files stay written.
 
@@ -33,6 +34,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities import evaluation, variant_eval
+from utilities.calibration import calibrate
 from utilities.compression import distillation, pruning, quantization
 from utilities.compression.distillation import load_teacher
 from utilities.config import Config
@@ -82,11 +84,16 @@ def run_variants(
     """
     # No check_inputs here: the float model is already trained and saved, so an impossible variant
     # (e.g. int8 without training examples) is recorded as that variant's error, not raised.
+    resamples = config.evaluation.bootstrap
     if reference is None:
-        reference = float_reference(model, datasets, folder.path("model"))
-    driver = Driver(datasets, folder, strategy, reference, sources={"model": model})
+        reference = float_reference(model, datasets, folder.path("model"), resamples)
+    driver = Driver(datasets, folder, strategy, reference, sources={"model": model}, resamples=resamples)
     for name, step in keras_steps(config, folder.checkpoints, tracker):
         driver.run(name, step, model)
+    if config.evaluation.calibrate:  # after distillation (its teacher stays uncalibrated), before conversion
+        for source, keras_model in driver.sources.items():
+            result = reference if source == "model" else driver.results[source]
+            calibrate(keras_model, result, folder.path(source), getattr(datasets, "identities", None), resamples)
     for source, keras_model in list(driver.sources.items()):
         for mode in config.compression.quantize:
             driver.run(f"{source}_{mode}", quantization.Quantization(mode), keras_model, source=source, mode=mode)
@@ -111,6 +118,7 @@ class Driver:
     reference: VariantResult  # the float model's: val probabilities, gzip_bytes
     sources: dict[str, tf_keras.Model]
     results: dict[str, VariantResult] = field(default_factory=dict)
+    resamples: int = variant_eval.RESAMPLES  # bootstrap resamples per interval (--bootstrap)
 
     def run(self, name: str, step: Step, model: tf_keras.Model, **extra: Any) -> None:
         """`step.produce(model)`, saved, evaluated and sized as variant `name`, or its one-line error."""
@@ -136,18 +144,20 @@ class Driver:
             path = quantization.write_tflite(self.folder.path(f"{name}.tflite"), product)
             predict = quantization.tflite_predict_fn(path)
             params = int(source.count_params())
-            return variant_eval.evaluate_variant(predict, self.datasets, path, params, self.reference)
+            return variant_eval.evaluate_variant(predict, self.datasets, path, params, self.reference, self.resamples)
         path = self.folder.path(name)
         # BatchNorm trained along (a fine-tuned backbone, the student): statistics re-estimated first.
         batchnorm_batches = save_recalibrated(product, path, clean_train(self.datasets))
-        result = variant_eval.evaluate_keras(product, self.datasets, path, self.reference)
+        result = variant_eval.evaluate_keras(product, self.datasets, path, self.reference, self.resamples)
         result.metrics["batchnorm_batches"] = batchnorm_batches
         return result
 
 
-def float_reference(model, datasets, saved_path: Path | None = None) -> VariantResult:
+def float_reference(
+    model, datasets, saved_path: Path | None = None, resamples: int = variant_eval.RESAMPLES
+) -> VariantResult:
     """The float model's val/test predictions (for agreement) and, if saved, its size."""
-    reference = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets)
+    reference = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets, None, resamples)
     if saved_path is not None and Path(saved_path).exists():
         reference.metrics.update(evaluation.artifact_size(saved_path))
     return reference

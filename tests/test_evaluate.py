@@ -1,0 +1,197 @@
+"""Evaluation a team can check: per-image predictions scored by the ISIC challenge's own scorer,
+--calibrate folded into the exported models, and tools.evaluate on another dataset version.
+
+    .venv/bin/python -m pytest tests/test_evaluate.py -q
+
+One tiny run (1 epoch, 32 px, frozen untrained backbone, --calibrate, -q dynamic) is shared by the tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import training
+import utilities.model  # noqa: F401  (registers the FusionLayer for plain load_model)
+from tools import evaluate
+from tools.prepare import MANIFEST_NAME, prepare
+from utilities import records
+from utilities.config import (
+    CompressionConfig,
+    Config,
+    DataConfig,
+    EvaluationConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+)
+from utilities.schema import CLASS_NAMES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate")
+    config = Config(
+        data=DataConfig(manifest=str(prepared.manifest_path), cache_dir=str(out / "shards"), image_size=32),
+        model=ModelConfig(weights="none", fine_tune=False, fcnn_nodes=16),
+        train=TrainConfig(batch_size=32, epochs=1, learning_rate=1e-3, patience=0, progress_seconds=0),
+        compression=CompressionConfig(quantize=("dynamic",)),
+        evaluation=EvaluationConfig(calibrate=True, bootstrap=200, gallery=6),
+        output=OutputConfig(output=str(out / "runs"), model_name="scored", run_id="r1", saved_model=False),
+    )
+    result = training.run(config)
+    return result, Path(result.local_dir)
+
+
+def _read(path: Path) -> tuple[list[str], np.ndarray]:
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["image", *CLASS_NAMES]
+    return [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
+def test_predictions_are_scored_by_the_isic_scorer_as_we_score_them(run, prepared):
+    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+
+    _, run_dir = run
+    metrics = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert set(metrics) == {"model", "model_dynamic"}
+    for split in ("val", "test"):
+        names, _ = _read(run_dir / "predictions" / f"truth_{split}.csv")
+        assert names == list(prepared.manifest["images"][split])  # the records' ISIC ids, in record order
+        for variant in metrics:
+            score = ClassificationScore.from_file(
+                run_dir / "predictions" / f"truth_{split}.csv",
+                run_dir / "predictions" / f"{variant}_{split}.csv",
+                ClassificationMetric.BALANCED_ACCURACY,
+            )
+            ours = metrics[variant][split]
+            assert score.aggregate["balanced_accuracy"] == pytest.approx(ours["balanced_accuracy"], abs=1e-6)
+            for name in CLASS_NAMES:
+                assert score.per_category.loc[name, "auc"] == pytest.approx(ours["per_class_auc"][name], abs=1e-6)
+
+
+def test_each_split_has_intervals_calibration_triage_and_subgroups_that_add_up(run):
+    result, _ = run
+    for variant in result.variants.values():
+        for split in ("val", "test"):
+            m = variant.metrics[split]
+            low, high = m["ci95"]["balanced_accuracy"]
+            assert low <= m["balanced_accuracy"] <= high and m["ci95"]["resamples"] == 200
+            assert sum(m["reliability"]["count"]) == m["n"] and 0.0 <= m["ece"] <= 1.0
+            assert set(m["triage"]) == {"melanoma", "malignant"}
+            for attribute, groups in m["subgroups"].items():
+                assert sum(g["n"] for g in groups.values()) == m["n"], attribute
+
+
+def test_calibration_is_folded_into_the_exported_model_and_its_tflite_conversion(run):
+    result, run_dir = run
+    model = result.variants["model"].metrics
+    calibration = model["calibration"]
+    assert calibration["temperature"] > 0 and calibration["temperature"] != 1.0
+    for split in ("val", "test"):  # a temperature never changes the argmax
+        assert calibration["balanced_accuracy_before"][split] == model[split]["balanced_accuracy"]
+    assert calibration["ece_after"]["val"] <= calibration["ece_before"]["val"] + 1e-9  # fitted on val: NLL down
+
+    _, calibrated = _read(run_dir / "predictions" / "model_val.csv")
+    keras = tf_keras.models.load_model(str(run_dir / "model" / "model.keras"))  # plain load_model
+    datasets = _val_batches(result, run_dir)
+    outputs = np.concatenate([keras(features, training=False).numpy() for features, _ in datasets])
+    np.testing.assert_allclose(outputs, calibrated, atol=1e-5)
+
+    from utilities.compression.quantization import tflite_predict_fn
+
+    tflite = tflite_predict_fn(run_dir / "model_dynamic.tflite")
+    converted = np.concatenate([tflite({k: v.numpy() for k, v in f.items()}) for f, _ in datasets])
+    assert np.mean(converted.argmax(1) == calibrated.argmax(1)) >= 0.9
+    np.testing.assert_allclose(converted, calibrated, atol=0.05)  # dynamic-range weights: close, not equal
+
+
+def _val_batches(result, run_dir: Path):
+    from utilities import data
+
+    shards = data.fetch_shards(data.load_manifest(result.record.data.manifest), run_dir / "shards")
+    return data.build_eval_data(shards, 32, 32).val
+
+
+def test_tools_evaluate_scores_a_run_on_another_dataset_version(run, demo_dir, tmp_path):
+    _, run_dir = run
+    other = prepare(demo_dir, tmp_path / "v2", image_size=32, shard_size=40, seed=7)  # another split of the images
+    out = tmp_path / "eval"
+    code = evaluate.main(
+        ["--model", str(run_dir), "--manifest", str(tmp_path / "v2" / MANIFEST_NAME), "--output", str(out)]
+    )
+    assert code == 0
+    lineage = json.loads((out / "evaluation.json").read_text())
+    assert lineage["model_run"]["run_id"] == "r1"
+    assert lineage["data"]["manifest_sha256"] != lineage["model_run"]["manifest_sha256"]
+    metrics = json.loads((out / "metrics.json").read_text())["variants"]["model"]
+    assert metrics["test"]["n"] == sum(other["counts"]["test"].values())
+    names, probs = _read(out / "predictions" / "model_test.csv")
+    assert names == list(other["images"]["test"]) and probs.shape == (len(names), len(CLASS_NAMES))
+    assert "# Evaluation report" in (out / "report.md").read_text()
+
+    tflite_out = tmp_path / "eval_tflite"
+    code = evaluate.main(
+        [
+            "--model",
+            str(run_dir / "model_dynamic.tflite"),
+            "--manifest",
+            str(tmp_path / "v2" / MANIFEST_NAME),
+            "--output",
+            str(tflite_out),
+        ]
+    )
+    assert code == 0
+    assert json.loads((tflite_out / "evaluation.json").read_text())["model_run"]["run_id"] == "r1"
+
+
+@pytest.mark.parametrize("model", ["missing", "not_a_model.keras"])
+def test_tools_evaluate_refuses_a_bad_model_in_one_line(model, prepared, tmp_path, capsys):
+    path = tmp_path / model
+    if model.endswith(".keras"):
+        path.write_bytes(b"not a zip")
+    code = evaluate.main(
+        ["--model", str(path), "--manifest", str(prepared.manifest_path), "--output", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tools_evaluate_refuses_a_bad_manifest_in_one_line(run, tmp_path, capsys):
+    _, run_dir = run
+    bad = tmp_path / "bad.pickle"
+    bad.write_bytes(b"\x80\x04not a pickle")
+    code = evaluate.main(["--model", str(run_dir), "--manifest", str(bad), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+
+
+def test_records_without_image_name_are_named_by_split_shard_and_index(tmp_path):
+    def example(label: int) -> bytes:
+        feature = {
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(32 * 32 * 3)])),
+            "metadata": tf.train.Feature(int64_list=tf.train.Int64List(value=[0] * 28)),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=np.eye(8, dtype=int)[label].tolist())),
+        }
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    paths = []
+    for shard in range(2):
+        path = tmp_path / f"{shard:04d}.tfrecords"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for label in range(3):
+                writer.write(example(label))
+        paths.append(str(path))
+    who = records.read_identities(paths, "val")
+    assert who.names == ("val/0000/0", "val/0000/1", "val/0000/2", "val/0001/0", "val/0001/1", "val/0001/2")
+    assert who.labels.tolist() == [0, 1, 2, 0, 1, 2] and who.metadata.shape == (6, 28)

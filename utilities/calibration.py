@@ -1,0 +1,63 @@
+"""--calibrate: one temperature per Keras variant, fitted on validation and folded into the saved model.
+
+    calibrate(model, result, folder.path("model"), datasets.identities, resamples=1000)
+
+Temperature scaling (Guo et al., 2017) of the output probabilities: p' = softmax(log p / T), T fitted by
+minimising the validation NLL (`analysis.fit_temperature`). The FusionLayer applies the same formula
+(`model.set_temperature`), so the exported `.keras` file — loaded with plain `load_model` — and every
+TFLite file converted from it afterwards output p'. The argmax, hence balanced accuracy, is unchanged.
+The variant's val/test metrics are recomputed from p' (exactly what the saved model outputs, up to
+float rounding; tests/test_evaluate checks it) and `calibration` records T and ECE before → after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import tf_keras
+
+from utilities import analysis
+from utilities.model import load_model, save_model, set_temperature
+from utilities.records import Identities
+from utilities.variant_eval import RESAMPLES, VariantResult, split_metrics
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    model: tf_keras.Model,
+    result: VariantResult,
+    saved: Path,
+    identities: Mapping[str, Identities] | None = None,
+    resamples: int = RESAMPLES,
+) -> float:
+    """Fit T on `result`'s validation probabilities; fold it into `model` and into the model saved in
+    `saved`; replace `result`'s val/test metrics and probabilities by the calibrated ones. Returns T."""
+    temperature = analysis.fit_temperature(result.labels["val"], result.probabilities["val"])
+    set_temperature(model, temperature)
+    exported = load_model(saved)  # the saved file, BatchNorm statistics re-estimated as exported
+    set_temperature(exported, temperature)
+    save_model(exported, saved)
+    before = {split: result.metrics[split] for split in ("val", "test")}
+    for split in before:
+        probs = analysis.apply_temperature(result.probabilities[split], temperature).astype(np.float32)
+        who = (identities or {}).get(split)
+        result.metrics[split] = split_metrics(result.labels[split], probs, who, resamples)
+        result.probabilities[split] = probs
+    result.metrics["calibration"] = {
+        "temperature": temperature,
+        "ece_before": {split: m["ece"] for split, m in before.items()},
+        "ece_after": {split: result.metrics[split]["ece"] for split in before},
+        "balanced_accuracy_before": {split: m["balanced_accuracy"] for split, m in before.items()},
+    }
+    log.info(
+        "calibrated %s: temperature %.3f, val ECE %.3f → %.3f",
+        saved.name,
+        temperature,
+        before["val"]["ece"],
+        result.metrics["val"]["ece"],
+    )
+    return temperature
