@@ -167,11 +167,12 @@ def evaluate(args: argparse.Namespace) -> Path:
     from utilities.runs import git_commit, now, write_json
 
     started = now()
+    _refuse_existing(args.output)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         scratch = Path(tmp)
-        model = load(args.model, scratch)
         manifest_path = fetch_tag(args.tag, args.registry, scratch) if args.tag else args.manifest
-        manifest = data.load_manifest(manifest_path)
+        manifest = data.load_manifest(manifest_path)  # before the model: a bad manifest is refused in a second
+        model = load(args.model, scratch)
         shards = data.fetch_shards(manifest, args.cache_dir)
         evaluated = data.build_eval_data(shards, model.image_size, args.batch_size)
         if not len(evaluated.identities["val"].labels) or not len(evaluated.identities["test"].labels):
@@ -182,6 +183,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         metrics = {"headline": "balanced_accuracy", "variants": {"model": result.metrics}}
         out_uri = args.output or _default_output(args)
         local = Path(out_uri) if not storage.is_gcs(out_uri) else scratch / "out"
+        local.mkdir(parents=True, exist_ok=True)
         write_json(local / "metrics.json", metrics)
         write_predictions(local / "predictions", {"model": result}, evaluated.identities)
         names = evaluated.identities["test"].names
@@ -206,6 +208,19 @@ def evaluate(args: argparse.Namespace) -> Path:
         if storage.is_gcs(out_uri):
             storage.upload_tree(local, out_uri)
     return Path(out_uri)
+
+
+def _refuse_existing(out_uri: str | None) -> None:
+    """An evaluation never overwrites another: its folder must be new (or empty)."""
+    from utilities import storage
+
+    if out_uri is None:
+        return
+    taken = storage.exists(storage.join(out_uri, "metrics.json")) if storage.is_gcs(out_uri) else None
+    if taken is None:
+        taken = Path(out_uri).exists() and any(Path(out_uri).iterdir())
+    if taken:
+        raise EvaluateError(f"--output {out_uri} already holds files; choose a new folder")
 
 
 def _run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
