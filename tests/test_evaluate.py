@@ -195,3 +195,25 @@ def test_records_without_image_name_are_named_by_split_shard_and_index(tmp_path)
     who = records.read_identities(paths, "val")
     assert who.names == ("val/0000/0", "val/0000/1", "val/0000/2", "val/0001/0", "val/0001/1", "val/0001/2")
     assert who.labels.tolist() == [0, 1, 2, 0, 1, 2] and who.metadata.shape == (6, 28)
+
+
+def test_tools_evaluate_takes_a_registry_tag_and_refuses_an_unknown_one(run, prepared, tmp_path, capsys):
+    from tools import registry
+
+    _, run_dir = run
+    repo = tmp_path / "registry"
+    registry.publish(repo, prepared.manifest_path, "dataset_v07", remote=str(tmp_path / "remote"))
+    out = tmp_path / "eval"
+    args = ["--model", str(run_dir / "model"), "--registry", str(repo), "--bootstrap", "0", "--gallery", "0"]
+    assert evaluate.main([*args, "--tag", "dataset_v07", "--output", str(out)]) == 0
+    lineage = json.loads((out / "evaluation.json").read_text())
+    assert lineage["data"]["tag"] == "dataset_v07"
+    assert lineage["data"]["manifest_sha256"] == lineage["model_run"]["manifest_sha256"]  # the data it trained on
+    assert "ci95" not in json.loads((out / "metrics.json").read_text())["variants"]["model"]["test"]
+    assert not (out / "error_gallery.png").exists()
+
+    capsys.readouterr()
+    code = evaluate.main([*args, "--tag", "dataset_v99", "--output", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot fetch tag dataset_v99") and "\n" not in err
+    assert not (tmp_path / "none").exists()

@@ -144,9 +144,12 @@ def load(uri: str, scratch: Path) -> LoadedModel:
 
 def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
     """The tag's manifest, fetched by dvc_pull.sh (the one reader of the registry: credentials, redaction)."""
+    # dvc (and this python) from the environment running us first, as `make demo` does.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     done = subprocess.run(
         ["sh", str(ROOT / "dvc_pull.sh"), "-t", tag, "-r", registry],
         cwd=scratch,
+        env={**os.environ, "PATH": path},
         capture_output=True,
         text=True,
         check=False,

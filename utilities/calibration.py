@@ -52,6 +52,8 @@ def calibrate(
         "ece_before": {split: m["ece"] for split, m in before.items()},
         "ece_after": {split: result.metrics[split]["ece"] for split in before},
         "balanced_accuracy_before": {split: m["balanced_accuracy"] for split, m in before.items()},
+        "macro_auc_before": {split: m["macro_auc"] for split, m in before.items()},  # AUCs may move (README)
+        "reliability_before": before["test"]["reliability"],  # the report draws it beside the calibrated one
     }
     log.info(
         "calibrated %s: temperature %.3f, val ECE %.3f → %.3f",

@@ -97,13 +97,15 @@ def _grid(n: int, max_columns: int) -> tuple[int, int]:
     return math.ceil(n / columns), columns
 
 
-def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
+def plot_reliability(panels: dict[str, dict], path: str | os.PathLike, before: dict[str, dict] | None = None) -> Path:
     """PNG with one reliability diagram per variant: accuracy vs mean confidence per bin, and the diagonal.
 
     `panels` maps variant name → a split's `reliability` dict (`bins`, `ece`, per-bin `confidence`,
     `accuracy` (None for an empty bin) and `count`). Grey bars: share of the images in each
-    equal-width confidence bin; point area grows with the bin's count.
+    equal-width confidence bin; point area grows with the bin's count. `before`: for temperature-scaled
+    variants, the same dict before scaling, drawn in grey beside it.
     """
+    before, legend = before or {}, {}
     rows, columns = _grid(len(panels), _MAX_PANEL_COLUMNS)
     fig = Figure(figsize=(0.5 + 2.9 * columns, 0.8 + 2.9 * rows), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.06, wspace=0.04)  # keeps one panel's "1" off the next one's "0"
@@ -113,7 +115,7 @@ def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
         axes[rows - 2, list(axes[-1]).index(ax)].xaxis.set_tick_params(
             labelbottom=True
         )  # the panel above ends its column
-    for index, (ax, (name, reliability)) in enumerate(zip(axes.flat, panels.items(), strict=False)):
+    for ax, (name, reliability) in zip(axes.flat, panels.items(), strict=False):
         bins = int(reliability.get("bins") or len(reliability["count"]))
         counts = np.asarray(reliability["count"], dtype=float)
         share = counts / max(counts.sum(), 1.0)
@@ -130,6 +132,8 @@ def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
             for conf, acc, count in zip(reliability["confidence"], reliability["accuracy"], counts, strict=False)
             if conf is not None and acc is not None
         ]
+        if name in before:
+            _reliability_curve(ax, before[name], "0.55", "before calibration")
         if filled:
             conf, acc, count = (np.asarray(column, dtype=float) for column in zip(*filled, strict=True))
             ax.plot(conf, acc, color="C0", linewidth=1, zorder=3)
@@ -137,24 +141,40 @@ def plot_reliability(panels: dict[str, dict], path: str | os.PathLike) -> Path:
             ax.scatter(conf, acc, s=area, color="C0", zorder=4, clip_on=False, label="accuracy (area ∝ images)")
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1, label="perfectly calibrated")
         ece = reliability.get("ece")
-        ax.set_title(name if ece is None else f"{name}  ECE {ece:.3f}", fontsize=10)
+        was = f"{before[name]['ece']:.3f} → " if name in before and before[name].get("ece") is not None else ""
+        ax.set_title(name if ece is None else f"{name}  ECE {was}{ece:.3f}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
         ax.grid(alpha=0.3)
-        if index == 0:
-            ax.legend(fontsize=7, loc="upper left", markerscale=0.6)
-    fig.supxlabel("confidence (top-1 probability, binned)", fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        for label, handle in zip(labels, handles, strict=True):
+            legend.setdefault(label, handle)
+    # Outside the panels: inside, it hid the points of an under-confident model (upper left).
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=2, fontsize=7, markerscale=0.6)
+    for ax in axes[-1]:  # not fig.supxlabel: the legend below would sit on it
+        ax.set_xlabel("confidence (top-1 probability)", fontsize=9)
     fig.supylabel("accuracy", fontsize=10)
     fig.suptitle("Reliability (test)")
     return _save(fig, path)
 
 
-def _bar_colour(value: float | None, count: int, overall: float | None, min_support: int) -> str:
-    """Grey: too few images to compare; orange: below the whole split's value; blue: at or above it."""
+def _reliability_curve(ax, reliability: dict, colour: str, label: str) -> None:
+    """Accuracy per filled bin as a line with small markers."""
+    points = [
+        (c, a) for c, a in zip(reliability["confidence"], reliability["accuracy"], strict=False) if None not in (c, a)
+    ]
+    if points:
+        conf, acc = zip(*points, strict=True)
+        ax.plot(conf, acc, color=colour, linewidth=1, marker="o", markersize=3, zorder=2, label=label)
+
+
+def _bar_colour(value: float | None, count: int, low: float | None, min_support: int) -> str:
+    """Grey: too few images to compare; orange: below `low`, the split's 95 % interval; blue: otherwise.
+    (Below the point estimate alone would flag half the groups by chance.)"""
     if count < min_support:
         return "0.82"
-    return "C1" if overall is not None and value is not None and value < overall else "C0"
+    return "C1" if low is not None and value is not None and value < low else "C0"
 
 
 def plot_subgroups(
@@ -162,12 +182,14 @@ def plot_subgroups(
     path: str | os.PathLike,
     overall: float | None = None,
     min_support: int = MIN_SUBGROUP_SUPPORT,
+    low: float | None = None,
 ) -> Path:
     """PNG with one panel per attribute (sex, age, site): balanced accuracy per group as horizontal bars.
 
     `subgroups` is a split's `subgroups` dict (attribute → group → {"n", "balanced_accuracy", …});
-    `overall` (the split's balanced accuracy) is a dashed line, groups below it are orange, groups
-    with fewer than `min_support` images grey and hatched (shown, not compared).
+    `overall` (the split's balanced accuracy) is a dashed line; groups below `low` (the lower end of its
+    95 % interval) are orange, groups with fewer than `min_support` images grey and hatched (shown, not
+    compared).
     """
     attributes = {name: groups for name, groups in subgroups.items() if groups}
     heights = [len(groups) + 1.0 for groups in attributes.values()]
@@ -177,7 +199,7 @@ def plot_subgroups(
     for ax, (attribute, groups) in zip(axes, attributes.items(), strict=True):
         values = [stats.get("balanced_accuracy") for stats in groups.values()]
         counts = [int(stats.get("n") or 0) for stats in groups.values()]
-        colours = [_bar_colour(v, n, overall, min_support) for v, n in zip(values, counts, strict=True)]
+        colours = [_bar_colour(v, n, low, min_support) for v, n in zip(values, counts, strict=True)]
         positions = np.arange(len(groups))
         bars = ax.barh(positions, [v or 0.0 for v in values], color=colours, edgecolor="0.45", linewidth=0.6)
         for bar, count in zip(bars, counts, strict=True):
@@ -197,11 +219,14 @@ def plot_subgroups(
     axes[-1].set_xticks(np.linspace(0, 1, 6))
     handles = [Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}")]
     if overall is not None:
-        handles = [
-            Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}, at or above all images"),
-            Patch(facecolor="C1", edgecolor="0.45", label=f"n ≥ {min_support}, below all images"),
-            Line2D([], [], color="0.25", linestyle="--", linewidth=1, label=f"all test images ({overall:.2f})"),
-        ]
+        handles.append(
+            Line2D([], [], color="0.25", linestyle="--", linewidth=1, label=f"all test images ({overall:.2f})")
+        )
+    if low is not None:
+        handles[0] = Patch(facecolor="C0", edgecolor="0.45", label=f"n ≥ {min_support}, within or above the interval")
+        handles.append(
+            Patch(facecolor="C1", edgecolor="0.45", label=f"n ≥ {min_support}, below its 95% interval (< {low:.2f})")
+        )
     handles.append(
         Patch(facecolor="0.82", edgecolor="0.45", hatch="///", label=f"n < {min_support}: too few to compare")
     )
@@ -413,7 +438,12 @@ def _calibration_section(metrics: dict, run_dir: Path) -> list[str]:
     if not lines:
         return []
     if panels := _reliability_panels(metrics):
-        plot_reliability(panels, run_dir / RELIABILITY_PNG)
+        before = {
+            name: v["calibration"]["reliability_before"]
+            for name, v in calibrated.items()
+            if name in panels and v["calibration"].get("reliability_before")
+        }
+        plot_reliability(panels, run_dir / RELIABILITY_PNG, before)
         lines += [f"![reliability diagrams]({RELIABILITY_PNG})", ""]
     return ["## Calibration", "", *lines]
 
@@ -442,7 +472,7 @@ def _before_after(before: Any, after: Any) -> str:
 
 def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
     """Temperature, ECE and balanced accuracy before → after scaling; a warning if the accuracy moved."""
-    header = ["variant", "temperature", "val ECE", "test ECE", "val bal. acc.", "test bal. acc."]
+    header = ["variant", "temperature", "val ECE", "test ECE", "val bal. acc.", "test bal. acc.", "test macro AUC"]
     rows, warnings = [], []
     for name, variant in calibrated.items():
         cal, splits = variant["calibration"], dict(zip(("val", "test"), _splits(variant), strict=True))
@@ -451,15 +481,20 @@ def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
         row = [name, _fmt(cal.get("temperature"), "p3")]
         row += [_before_after(ece_before.get(s), ece_after.get(s, splits[s].get("ece"))) for s in splits]
         row += [_before_after(acc_before.get(s), splits[s].get("balanced_accuracy")) for s in splits]
+        row.append(_before_after((cal.get("macro_auc_before") or {}).get("test"), splits["test"].get("macro_auc")))
         rows.append(row)
         for split, m in splits.items():
             before, after = acc_before.get(split), m.get("balanced_accuracy")
             if before is not None and after is not None and abs(before - after) > 1e-9:
                 warnings.append(
                     f"> **Warning:** {name}'s {split} balanced accuracy changed with temperature scaling "
-                    f"({before:.4f} → {after:.4f}); dividing logits by one temperature cannot change a prediction."
+                    f"({before:.4f} → {after:.4f}); one temperature cannot change a prediction."
                 )
-    intro = "Temperature scaling divides the logits by one fitted temperature: it changes confidence, not predictions."
+    intro = (
+        "Temperature scaling divides the log-probabilities by one fitted temperature: it changes confidence, "
+        "not predictions (balanced accuracy is unchanged). AUCs can move: each image's probabilities are "
+        "renormalised on their own, so one class's ranking across images may change."
+    )
     return [
         "### Temperature scaling",
         "",
@@ -547,8 +582,9 @@ def _subgroup_section(metrics: dict, run_dir: Path) -> list[str]:
     subgroups = {attribute: groups for attribute, groups in _headline_subgroups(metrics).items() if groups}
     if not subgroups:
         return []
-    overall = (metrics["variants"][HEADLINE_VARIANT].get("test") or {}).get("balanced_accuracy")
-    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, overall)
+    test = metrics["variants"][HEADLINE_VARIANT].get("test") or {}
+    low = ((test.get("ci95") or {}).get("balanced_accuracy") or [None])[0]
+    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, test.get("balanced_accuracy"), low=low)
     lines = [f"## Subgroups ({HEADLINE_VARIANT}, test)", ""]
     for attribute, groups in subgroups.items():
         classes = list(next((s["per_class_recall"] for s in groups.values() if s.get("per_class_recall")), {}))
@@ -568,7 +604,7 @@ def _subgroup_section(metrics: dict, run_dir: Path) -> list[str]:
         _gap_sentence(subgroups),
         "",
         f"Groups with fewer than {MIN_SUBGROUP_SUPPORT} test images are listed but too small to compare "
-        "(hatched grey in the figure); orange bars are groups below the whole test split.",
+        "(hatched grey in the figure); orange bars are groups below the whole test split's 95% interval.",
         "",
         f"![balanced accuracy by subgroup]({SUBGROUPS_PNG})",
         "",
