@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ SECRET = "wandb-secret-value-0123456789abcdef0123"
 FINE_TUNED = ["--weights", "none", "--image-size", "32", "-b", "32", "-f", "16", "--patience", "0", "-l", "1e-3"]
 TINY_EXPORT = [*FINE_TUNED, "--freeze-backbone"]
 TINY = [*TINY_EXPORT, "--no-saved-model"]
+FULL = "full"  # model name of the shared `full_run`
 
 
 def run_cli(args, tmp_path, env_extra=None, timeout=600):
@@ -36,13 +39,34 @@ def only_run(out: Path, model_name: str) -> Path:
     return runs[0]
 
 
+@dataclass(frozen=True)
+class FullRun:
+    """One CLI run with every output, shared by the tests that read them (each CLI run costs ~1 min)."""
+
+    tmp: Path  # its WANDB_DIR and working folder
+    out: Path  # its --output
+    args: list[str]  # manifest, output, model name and model flags: a second run adds -e and the rest
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared, tmp_path_factory) -> FullRun:
+    """The default model (the whole backbone fine-tuned, 2 epochs) tracked offline, distilled, quantized and
+    exported as a SavedModel: test_cli_trains_evaluates_exports_and_tracks and
+    test_cli_distills_and_quantizes_and_lists_every_variant read this one run instead of training twice."""
+    tmp = tmp_path_factory.mktemp("full-run")
+    out = tmp / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", FULL, *FINE_TUNED]
+    flags = ["-e", "2", "-x", "--data-tag", "dataset_v01"]
+    flags += ["-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
+    return FullRun(tmp, out, args, run_cli([*args, *flags], tmp, timeout=900))
+
+
 @pytest.mark.slow
-def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
-    out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", *TINY_EXPORT]
-    first = run_cli([*args, "-e", "2", "-x", "--data-tag", "dataset_v01"], tmp_path)
+def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path):
+    first = full_run.result
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = only_run(out, "e2e")
+    run_dir = only_run(full_run.out, FULL)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_metrics = metrics["variants"]["model"]
@@ -83,26 +107,29 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
         [sys.executable, "-I", "-c", isolated], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    latest = json.loads((out / "e2e" / "latest.json").read_text())
+    latest = json.loads((full_run.out / FULL / "latest.json").read_text())
     assert latest["run_id"] == run_dir.name and latest["model"] == str(run_dir / "model")
 
-    # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
-    wandb_runs = list(tmp_path.glob("wandb/offline-run-*"))
-    assert wandb_runs, "no offline W&B run"
-    for path in [*tmp_path.rglob("*")]:
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
-    assert SECRET not in first.stdout + first.stderr
-
-    # A second run never overwrites the first.
+    # A second run never overwrites the first (on a copy: the shared run stays as it was).
+    out = tmp_path / "out"
+    shutil.copytree(full_run.out, out)
+    args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
     second = run_cli(
         [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path
     )  # frozen, no augmentation: cached features
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cached backbone features" in second.stderr
-    runs = sorted(p.name for p in (out / "e2e").iterdir() if p.is_dir())
-    assert len(runs) == 2 and not (out / "e2e" / runs[-1] / "model" / "saved_model.pb").exists()
-    assert json.loads((out / "e2e" / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
+    runs = sorted(p.name for p in (out / FULL).iterdir() if p.is_dir())
+    assert len(runs) == 2 and not (out / FULL / runs[-1] / "model" / "saved_model.pb").exists()
+    assert json.loads((out / FULL / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
+
+    # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
+    wandb_runs = list(full_run.tmp.glob("wandb/offline-run-*"))
+    assert wandb_runs, "no offline W&B run"
+    for path in [*full_run.tmp.rglob("*"), *tmp_path.rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+    assert SECRET not in first.stdout + first.stderr
 
 
 def start_and_interrupt(args, log: Path, pattern: str, sig: signal.Signals) -> tuple[int, str]:
@@ -182,14 +209,8 @@ sizes = [int(t.shape[0]) for t in strategy.experimental_local_results(labels)]
 assert strategy.num_replicas_in_sync == 2 and sizes == [16, 16], sizes
 """
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    out = tmp_path / "out"
-    result = run_cli(
-        ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "g2", "-g", "2", "-e", "1", *TINY],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lineage = json.loads((only_run(out, "g2") / "run.json").read_text())
-    assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
+    # The CLI training on two replicas end to end (a MirroredStrategy recorded in run.json) is checked on
+    # the -g 2 run of test_mixed_precision_on_two_replicas_…: one two-replica CLI run serves both.
 
 
 def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
@@ -220,13 +241,10 @@ def test_cluster_roles():
 
 
 @pytest.mark.slow
-def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
-    out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *FINE_TUNED]
-    flags = ["--no-saved-model", "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
-    result = run_cli([*args, *flags], tmp_path, timeout=900)  # the default model: the whole backbone fine-tuned
+def test_cli_distills_and_quantizes_and_lists_every_variant(full_run):
+    result = full_run.result  # the default model: the whole backbone fine-tuned
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run(out, "cmp")
+    run_dir = only_run(full_run.out, FULL)
     # The fine-tuned backbone's BatchNorm statistics were re-estimated (on a copy, then copied back).
     assert json.loads((run_dir / "run.json").read_text())["training"]["batchnorm_batches"] > 0
     assert "BatchNorm statistics re-estimated" in result.stderr
@@ -250,7 +268,10 @@ def test_mixed_precision_on_two_replicas_scales_the_student_loss_and_exports_flo
     result = run_cli([*args, *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "mp")
-    assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["mixed_precision"] is True
+    lineage = json.loads((run_dir / "run.json").read_text())
+    assert lineage["config"]["train"]["mixed_precision"] is True
+    # The two-replica CLI run (also for test_two_replicas_train_and_each_gets_half_the_global_batch).
+    assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
     assert set(variants) == {"model", "student"} and "(replica_loop)" in result.stderr
     assert variants["student"]["batchnorm_batches"] > 0  # re-estimated on a copy, copied into the mirrored student
