@@ -33,6 +33,22 @@ def run_cli(args, tmp_path, env_extra=None, timeout=600):
     )
 
 
+def start_cli(args, tmp_path, log_name: str, request) -> tuple[subprocess.Popen, Path]:
+    """run_cli's process in the background, output to tmp_path / log_name; killed at the test's end if still running."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": SECRET}
+    log = tmp_path / log_name
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "cli.py", *args], cwd=ROOT, env=env, stdout=sink, stderr=sink)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+    request.addfinalizer(stop)
+    return proc, log
+
+
 def only_run(out: Path, model_name: str) -> Path:
     runs = sorted(p for p in (out / model_name).iterdir() if p.is_dir())
     assert len(runs) == 1, runs
@@ -63,10 +79,18 @@ def full_run(prepared, tmp_path_factory) -> FullRun:
 
 
 @pytest.mark.slow
-def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path):
+def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     first = full_run.result
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = only_run(full_run.out, FULL)
+    # A second run never overwrites the first: checked on a copy (the shared run stays as it was), the
+    # second run going on beside the checks of the first below. Frozen, no augmentation: cached features.
+    out = tmp_path / "out"
+    shutil.copytree(full_run.out, out)
+    args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
+    second, second_log = start_cli(
+        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path, "second.log", request
+    )
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_metrics = metrics["variants"]["model"]
@@ -110,15 +134,9 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path):
     latest = json.loads((full_run.out / FULL / "latest.json").read_text())
     assert latest["run_id"] == run_dir.name and latest["model"] == str(run_dir / "model")
 
-    # A second run never overwrites the first (on a copy: the shared run stays as it was).
-    out = tmp_path / "out"
-    shutil.copytree(full_run.out, out)
-    args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
-    second = run_cli(
-        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path
-    )  # frozen, no augmentation: cached features
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "cached backbone features" in second.stderr
+    # The second run.
+    assert second.wait(timeout=600) == 0, second_log.read_text()[-3000:]
+    assert "cached backbone features" in second_log.read_text()
     runs = sorted(p.name for p in (out / FULL).iterdir() if p.is_dir())
     assert len(runs) == 2 and not (out / FULL / runs[-1] / "model" / "saved_model.pb").exists()
     assert json.loads((out / FULL / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
@@ -151,14 +169,15 @@ def last_step(text: str, epoch: int) -> int:
 
 
 @pytest.mark.slow
-def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, tmp_path):
+def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, tmp_path, request):
     out = tmp_path / "out"
     # --dropout 0: Keras' dropout masks come from a stateful generator a restart resets; everything else
     # (data order, augmentation, optimizer state) is restored exactly, so the weights must be identical.
     common = ["--manifest", str(prepared.manifest_path), "--output", str(out), *TINY, "-b", "16", "-e", "2"]
     common += ["--dropout", "0", "--checkpoint-every", "3", "--progress-every", "0", "--no-tracking"]
-    reference = run_cli([*common, "-n", "ref", "--run-id", "r"], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    # The uninterrupted reference trains beside the interrupted runs (its own folder; the two processes share
+    # the 2 cores, each importing, building or training in its own phase); compared once both are done.
+    reference, reference_log = start_cli([*common, "-n", "ref", "--run-id", "r"], tmp_path, "ref.log", request)
     args = [*common, "-q", "dynamic", "-n", "pre", "--run-id", "r"]
 
     # SIGTERM mid-epoch (what Vertex AI and spot VMs send): the step finishes, is saved, exit 75.
@@ -179,6 +198,10 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     assert final.returncode == 0, final.stderr[-3000:]
     assert "training had finished" in final.stderr and "step 1/11" not in final.stderr
 
+    # A complete run is never touched again: that rerun goes on beside the checks below.
+    again, again_log = start_cli(args, tmp_path, "again.log", request)
+
+    assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
     redone_after_term, redone_after_kill = stopped + 1 - resumed, killed + 1 - resumed_after_kill
     print(f"steps redone: after SIGTERM {redone_after_term}, after SIGKILL {redone_after_kill}")
     assert redone_after_term == 0 and 0 <= redone_after_kill <= 3
@@ -191,8 +214,7 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     assert diff.returncode == 0 and float(diff.stdout.split()[-1]) == 0.0, diff.stdout + diff.stderr[-2000:]
     assert (out / "pre/r/model_dynamic.tflite").exists()
 
-    again = run_cli(args, tmp_path)  # a complete run is never touched again
-    assert again.returncode == 2 and "already complete" in again.stderr
+    assert again.wait(timeout=300) == 2 and "already complete" in again_log.read_text(), again_log.read_text()[-2000:]
 
 
 @pytest.mark.slow
