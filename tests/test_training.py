@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ SECRET = "wandb-secret-value-0123456789abcdef0123"
 FINE_TUNED = ["--weights", "none", "--image-size", "32", "-b", "32", "-f", "16", "--patience", "0", "-l", "1e-3"]
 TINY_EXPORT = [*FINE_TUNED, "--freeze-backbone"]
 TINY = [*TINY_EXPORT, "--no-saved-model"]
+FULL = "full"  # model name of the shared `full_run`
 
 
 def run_cli(args, tmp_path, env_extra=None, timeout=600):
@@ -30,19 +33,64 @@ def run_cli(args, tmp_path, env_extra=None, timeout=600):
     )
 
 
+def start_cli(args, tmp_path, log_name: str, request) -> tuple[subprocess.Popen, Path]:
+    """run_cli's process in the background, output to tmp_path / log_name; killed at the test's end if still running."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": SECRET}
+    log = tmp_path / log_name
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "cli.py", *args], cwd=ROOT, env=env, stdout=sink, stderr=sink)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+    request.addfinalizer(stop)
+    return proc, log
+
+
 def only_run(out: Path, model_name: str) -> Path:
     runs = sorted(p for p in (out / model_name).iterdir() if p.is_dir())
     assert len(runs) == 1, runs
     return runs[0]
 
 
+@dataclass(frozen=True)
+class FullRun:
+    """One CLI run with every output, shared by the tests that read them (each CLI run costs ~1 min)."""
+
+    tmp: Path  # its WANDB_DIR and working folder
+    out: Path  # its --output
+    args: list[str]  # manifest, output, model name and model flags: a second run adds -e and the rest
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared, tmp_path_factory) -> FullRun:
+    """The default model (the whole backbone fine-tuned, 2 epochs) tracked offline, distilled, quantized and
+    exported as a SavedModel: test_cli_trains_evaluates_exports_and_tracks and
+    test_cli_distills_and_quantizes_and_lists_every_variant read this one run instead of training twice."""
+    tmp = tmp_path_factory.mktemp("full-run")
+    out = tmp / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", FULL, *FINE_TUNED]
+    flags = ["-e", "2", "-x", "--data-tag", "dataset_v01"]
+    flags += ["-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
+    return FullRun(tmp, out, args, run_cli([*args, *flags], tmp, timeout=900))
+
+
 @pytest.mark.slow
-def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
-    out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "e2e", *TINY_EXPORT]
-    first = run_cli([*args, "-e", "2", "-x", "--data-tag", "dataset_v01"], tmp_path)
+def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
+    first = full_run.result
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = only_run(out, "e2e")
+    run_dir = only_run(full_run.out, FULL)
+    # A second run never overwrites the first: checked on a copy (the shared run stays as it was), the
+    # second run going on beside the checks of the first below. Frozen, no augmentation: cached features.
+    out = tmp_path / "out"
+    shutil.copytree(full_run.out, out)
+    args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
+    second, second_log = start_cli(
+        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path, "second.log", request
+    )
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_metrics = metrics["variants"]["model"]
@@ -83,26 +131,23 @@ def test_cli_trains_evaluates_exports_and_tracks(prepared, tmp_path):
         [sys.executable, "-I", "-c", isolated], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    latest = json.loads((out / "e2e" / "latest.json").read_text())
+    latest = json.loads((full_run.out / FULL / "latest.json").read_text())
     assert latest["run_id"] == run_dir.name and latest["model"] == str(run_dir / "model")
 
+    # The second run.
+    assert second.wait(timeout=600) == 0, second_log.read_text()[-3000:]
+    assert "cached backbone features" in second_log.read_text()
+    runs = sorted(p.name for p in (out / FULL).iterdir() if p.is_dir())
+    assert len(runs) == 2 and not (out / FULL / runs[-1] / "model" / "saved_model.pb").exists()
+    assert json.loads((out / FULL / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
+
     # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
-    wandb_runs = list(tmp_path.glob("wandb/offline-run-*"))
+    wandb_runs = list(full_run.tmp.glob("wandb/offline-run-*"))
     assert wandb_runs, "no offline W&B run"
-    for path in [*tmp_path.rglob("*")]:
+    for path in [*full_run.tmp.rglob("*"), *tmp_path.rglob("*")]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
     assert SECRET not in first.stdout + first.stderr
-
-    # A second run never overwrites the first.
-    second = run_cli(
-        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path
-    )  # frozen, no augmentation: cached features
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "cached backbone features" in second.stderr
-    runs = sorted(p.name for p in (out / "e2e").iterdir() if p.is_dir())
-    assert len(runs) == 2 and not (out / "e2e" / runs[-1] / "model" / "saved_model.pb").exists()
-    assert json.loads((out / "e2e" / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
 
 
 def start_and_interrupt(args, log: Path, pattern: str, sig: signal.Signals) -> tuple[int, str]:
@@ -124,14 +169,15 @@ def last_step(text: str, epoch: int) -> int:
 
 
 @pytest.mark.slow
-def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, tmp_path):
+def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, tmp_path, request):
     out = tmp_path / "out"
     # --dropout 0: Keras' dropout masks come from a stateful generator a restart resets; everything else
     # (data order, augmentation, optimizer state) is restored exactly, so the weights must be identical.
     common = ["--manifest", str(prepared.manifest_path), "--output", str(out), *TINY, "-b", "16", "-e", "2"]
     common += ["--dropout", "0", "--checkpoint-every", "3", "--progress-every", "0", "--no-tracking"]
-    reference = run_cli([*common, "-n", "ref", "--run-id", "r"], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    # The uninterrupted reference trains beside the interrupted runs (its own folder; the two processes share
+    # the 2 cores, each importing, building or training in its own phase); compared once both are done.
+    reference, reference_log = start_cli([*common, "-n", "ref", "--run-id", "r"], tmp_path, "ref.log", request)
     args = [*common, "-q", "dynamic", "-n", "pre", "--run-id", "r"]
 
     # SIGTERM mid-epoch (what Vertex AI and spot VMs send): the step finishes, is saved, exit 75.
@@ -152,6 +198,10 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     assert final.returncode == 0, final.stderr[-3000:]
     assert "training had finished" in final.stderr and "step 1/11" not in final.stderr
 
+    # A complete run is never touched again: that rerun goes on beside the checks below.
+    again, again_log = start_cli(args, tmp_path, "again.log", request)
+
+    assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
     redone_after_term, redone_after_kill = stopped + 1 - resumed, killed + 1 - resumed_after_kill
     print(f"steps redone: after SIGTERM {redone_after_term}, after SIGKILL {redone_after_kill}")
     assert redone_after_term == 0 and 0 <= redone_after_kill <= 3
@@ -164,8 +214,7 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     assert diff.returncode == 0 and float(diff.stdout.split()[-1]) == 0.0, diff.stdout + diff.stderr[-2000:]
     assert (out / "pre/r/model_dynamic.tflite").exists()
 
-    again = run_cli(args, tmp_path)  # a complete run is never touched again
-    assert again.returncode == 2 and "already complete" in again.stderr
+    assert again.wait(timeout=300) == 2 and "already complete" in again_log.read_text(), again_log.read_text()[-2000:]
 
 
 @pytest.mark.slow
@@ -182,14 +231,8 @@ sizes = [int(t.shape[0]) for t in strategy.experimental_local_results(labels)]
 assert strategy.num_replicas_in_sync == 2 and sizes == [16, 16], sizes
 """
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    out = tmp_path / "out"
-    result = run_cli(
-        ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "g2", "-g", "2", "-e", "1", *TINY],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lineage = json.loads((only_run(out, "g2") / "run.json").read_text())
-    assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
+    # The CLI training on two replicas end to end (a MirroredStrategy recorded in run.json) is checked on
+    # the -g 2 run of test_mixed_precision_on_two_replicas_…: one two-replica CLI run serves both.
 
 
 def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
@@ -220,13 +263,10 @@ def test_cluster_roles():
 
 
 @pytest.mark.slow
-def test_cli_distills_and_quantizes_and_lists_every_variant(prepared, tmp_path):
-    out = tmp_path / "out"
-    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "cmp", "-e", "1", *FINE_TUNED]
-    flags = ["--no-saved-model", "-d", "--student-epochs", "1", "--student-filters", "8", "-q", "dynamic"]
-    result = run_cli([*args, *flags], tmp_path, timeout=900)  # the default model: the whole backbone fine-tuned
+def test_cli_distills_and_quantizes_and_lists_every_variant(full_run):
+    result = full_run.result  # the default model: the whole backbone fine-tuned
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run(out, "cmp")
+    run_dir = only_run(full_run.out, FULL)
     # The fine-tuned backbone's BatchNorm statistics were re-estimated (on a copy, then copied back).
     assert json.loads((run_dir / "run.json").read_text())["training"]["batchnorm_batches"] > 0
     assert "BatchNorm statistics re-estimated" in result.stderr
@@ -250,7 +290,10 @@ def test_mixed_precision_on_two_replicas_scales_the_student_loss_and_exports_flo
     result = run_cli([*args, *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "mp")
-    assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["mixed_precision"] is True
+    lineage = json.loads((run_dir / "run.json").read_text())
+    assert lineage["config"]["train"]["mixed_precision"] is True
+    # The two-replica CLI run (also for test_two_replicas_train_and_each_gets_half_the_global_batch).
+    assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
     assert set(variants) == {"model", "student"} and "(replica_loop)" in result.stderr
     assert variants["student"]["batchnorm_batches"] > 0  # re-estimated on a copy, copied into the mirrored student
