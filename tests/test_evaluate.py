@@ -217,3 +217,26 @@ def test_tools_evaluate_takes_a_registry_tag_and_refuses_an_unknown_one(run, pre
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: cannot fetch tag dataset_v99") and "\n" not in err
     assert not (tmp_path / "none").exists()
+
+
+def test_tools_evaluate_reads_a_gs_run_and_writes_a_gs_evaluation_once(run, prepared, gcs_emulator, tmp_path, capsys):
+    from utilities import storage
+
+    _, run_dir = run
+    bucket = gcs_emulator.make_bucket("evaluate-bucket")
+    for name in ("run.json", "model/model.keras", "model_dynamic.tflite"):
+        storage.upload_file(run_dir / name, f"gs://{bucket}/runs/r1/{name}")
+    out = f"gs://{bucket}/evals/e1"
+    args = ["--manifest", str(prepared.manifest_path), "--bootstrap", "0"]
+    assert evaluate.main(["--model", f"gs://{bucket}/runs/r1", *args, "--output", out]) == 0
+    lineage = json.loads(storage.read_bytes(f"{out}/evaluation.json"))
+    assert lineage["model"] == f"gs://{bucket}/runs/r1" and lineage["model_run"]["run_id"] == "r1"
+    assert storage.exists(f"{out}/predictions/model_test.csv") and storage.exists(f"{out}/report.md")
+
+    tflite = f"gs://{bucket}/runs/r1/model_dynamic.tflite"
+    assert evaluate.main(["--model", tflite, *args, "--gallery", "0", "--output", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "evaluation.json").read_text())["model_run"]["run_id"] == "r1"
+
+    capsys.readouterr()
+    assert evaluate.main(["--model", tflite, *args, "--output", out]) == 2  # never over another evaluation
+    assert "already holds files" in capsys.readouterr().err
