@@ -3,7 +3,8 @@
 
     .venv/bin/python -m pytest tests/test_evaluate.py -q
 
-One tiny run (1 epoch, 32 px, frozen untrained backbone, --calibrate, -q dynamic) is shared by the tests.
+One tiny run (`scored_run`, tests/fixtures/data.py: 1 epoch, 32 px, frozen untrained backbone,
+--calibrate, -q dynamic) is shared by these tests and tests/test_run.py.
 """
 
 from __future__ import annotations
@@ -17,38 +18,18 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-import training
 import utilities.model  # noqa: F401  (registers the FusionLayer for plain load_model)
 from tools import evaluate
 from tools.prepare import MANIFEST_NAME, prepare
 from utilities import records
-from utilities.config import (
-    CompressionConfig,
-    Config,
-    DataConfig,
-    EvaluationConfig,
-    ModelConfig,
-    OutputConfig,
-    TrainConfig,
-)
 from utilities.schema import CLASS_NAMES
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluate")
-    config = Config(
-        data=DataConfig(manifest=str(prepared.manifest_path), cache_dir=str(out / "shards"), image_size=32),
-        model=ModelConfig(weights="none", fine_tune=False, fcnn_nodes=16),
-        train=TrainConfig(batch_size=32, epochs=1, learning_rate=1e-3, patience=0, progress_seconds=0),
-        compression=CompressionConfig(quantize=("dynamic",)),
-        evaluation=EvaluationConfig(calibrate=True, bootstrap=200, gallery=6),
-        output=OutputConfig(output=str(out / "runs"), model_name="scored", run_id="r1", saved_model=False),
-    )
-    result = training.run(config)
-    return result, Path(result.local_dir)
+def run(scored_run):
+    return scored_run.result, scored_run.run_dir
 
 
 def _read(path: Path) -> tuple[list[str], np.ndarray]:

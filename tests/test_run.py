@@ -8,23 +8,14 @@ import json
 
 import numpy as np
 
-import training
-from utilities.config import Config, DataConfig, ModelConfig, OutputConfig, TrainConfig
 from utilities.schema import NUM_CLASSES
 
 
-def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, tmp_path):
-    config = Config(
-        data=DataConfig(manifest=str(prepared.manifest_path), cache_dir=str(tmp_path / "shards"), image_size=32),
-        model=ModelConfig(weights="none", fine_tune=False, fcnn_nodes=16),
-        train=TrainConfig(batch_size=32, epochs=1, learning_rate=1e-3, patience=0, progress_seconds=0),
-        output=OutputConfig(output=str(tmp_path / "out"), model_name="inproc", run_id="r1", saved_model=False),
-    )
-    result = training.run(config)
-
+def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, scored_run):
+    config, result, out = scored_run.config, scored_run.result, scored_run.run_dir.parent.parent
     record = result.record
-    assert result.uri == str(tmp_path / "out" / "inproc" / "r1") and record.uri == result.uri
-    assert (record.run_id, record.model_name) == ("r1", "inproc")
+    assert result.uri == str(out / "scored" / "r1") and record.uri == result.uri
+    assert (record.run_id, record.model_name) == ("r1", "scored")
     assert record.started <= record.finished
     assert record.data.manifest_sha256 == hashlib.sha256(prepared.manifest_path.read_bytes()).hexdigest()
     assert record.data.counts == prepared.manifest["counts"]
@@ -39,10 +30,10 @@ def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, tmp_path)
         assert probs.shape == (sum(prepared.manifest["counts"][split].values()), NUM_CLASSES)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
         assert model.metrics[split]["support"] and 0.0 <= model.metrics[split]["balanced_accuracy"] <= 1.0
-    assert set(result.variants) == {"model"}  # no compression flag: no other variant
+    assert set(result.variants) == {"model", "model_dynamic"}  # the float model and the one asked for
 
     # What the run wrote is what it returned.
-    run_dir = tmp_path / "out" / "inproc" / "r1"
+    run_dir = out / "scored" / "r1"
     assert json.loads((run_dir / "run.json").read_text()) == json.loads(json.dumps(record.to_json(), default=str))
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(result.metrics))
     assert (run_dir / "model" / "model.keras").is_file() and (run_dir / "report.md").is_file()
