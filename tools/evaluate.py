@@ -219,8 +219,9 @@ def _refuse_existing(out_uri: str | None) -> None:
 
     if out_uri is None:
         return
-    taken = storage.exists(storage.join(out_uri, "metrics.json")) if storage.is_gcs(out_uri) else None
-    if taken is None:
+    if storage.is_gcs(out_uri):
+        taken = storage.exists(storage.join(out_uri, "metrics.json"))
+    else:
         taken = Path(out_uri).exists() and any(Path(out_uri).iterdir())
     if taken:
         raise EvaluateError(f"--output {out_uri} already holds files; choose a new folder")

@@ -56,10 +56,10 @@ def _per_class_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
     return aucs
 
 
-def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
-    """One-vs-rest ROC AUC averaged over classes with both positives and negatives; None if none has."""
-    aucs = [a for a in _per_class_auc(y_true, probs) if a is not None]
-    return float(np.mean(aucs)) if aucs else None
+def _mean_of_known(values: list[float | None]) -> float | None:
+    """macro AUC: the mean over classes with both positives and negatives; None if none has."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _balanced_accuracy(cm: np.ndarray) -> float:
@@ -82,6 +82,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
     _check_inputs(y_true, probs, len(class_names))
     labels = list(range(len(class_names)))
     y_pred = probs.argmax(axis=1)
+    aucs = _per_class_auc(y_true, probs)
     cm = confusion_matrix(y_true, y_pred, labels=labels)  # rows = true class, columns = predicted
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
@@ -96,9 +97,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
         "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": _balanced_accuracy(cm),
         "macro_f1": float(f1_score(y_true, y_pred, labels=seen, average="macro", zero_division=0)),
-        "macro_auc": _macro_auc(y_true, probs),
+        "macro_auc": _mean_of_known(aucs),
         # None where a class lacks positives or negatives in this split (macro_auc skips those too).
-        "per_class_auc": dict(zip(class_names, _per_class_auc(y_true, probs), strict=True)),
+        "per_class_auc": dict(zip(class_names, aucs, strict=True)),
         "per_class_recall": {name: float(v) for name, v in zip(class_names, recall, strict=True)},
         "per_class_precision": {name: float(v) for name, v in zip(class_names, precision, strict=True)},
         "support": {name: int(v) for name, v in zip(class_names, cm.sum(axis=1), strict=True)},
