@@ -14,6 +14,8 @@ PY := $(VENV)/bin/python
 PIPENV := .tools/bin/pipenv
 DEMO := demo
 DEMO_TAG ?= dataset_v02
+# make test's pytest-xdist workers: two keep both cores busy (one worker left one idle most of the time).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test container-test lint install clean demo-data bench
 install: $(VENV)/.synced
@@ -46,7 +48,7 @@ demo: $(DEMO)/registry/.tagged
 # make test includes tests/container: as root it installs and starts a Docker engine of its own
 # (state in .cache/docker) and builds the image once; without an engine those tests skip (CI: fail).
 test: $(VENV)/.synced
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 container-test: $(VENV)/.synced
 	$(PY) -m pytest tests/container

@@ -24,7 +24,7 @@ from tools.prepare import MANIFEST_NAME, prepare
 from utilities import records
 from utilities.schema import CLASS_NAMES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scored_run")]  # one worker makes the session's scored_run
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,13 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from utilities.schema import NUM_CLASSES
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("scored_run")  # the worker that makes the session's scored_run for test_evaluate
 def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, scored_run):
     config, result, out = scored_run.config, scored_run.result, scored_run.run_dir.parent.parent
     record = result.record

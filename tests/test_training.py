@@ -79,6 +79,7 @@ def full_run(prepared, tmp_path_factory) -> FullRun:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_run")  # one worker runs both readers of the module's one full_run
 def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     first = full_run.result
     assert first.returncode == 0, first.stderr[-3000:]
@@ -263,6 +264,7 @@ def test_cluster_roles():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_run")
 def test_cli_distills_and_quantizes_and_lists_every_variant(full_run):
     result = full_run.result  # the default model: the whole backbone fine-tuned
     assert result.returncode == 0, result.stderr[-3000:]

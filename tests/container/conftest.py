@@ -10,8 +10,8 @@
   the legacy one here), base image pulled or made as a stand-in. Every container test uses it.
 - `registry` (session): the demo shards on the GCS emulator (gs://), a data registry tagging them
   (DVC remote on that bucket), served by git over HTTP with basic auth on 127.0.0.1.
-- `numbers` (session): measurements the tests record; printed at the end of the session and
-  written to .cache/container/numbers.json.
+- `numbers` (session): measurements the tests record; printed at the end of the session (a section
+  of tests/fixtures/summary.py) and written to .cache/container/numbers.json.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.container.engine import Engine, EngineUnavailable, base_image_name, build, ensure_base
+from tests.fixtures import summary
 from tests.fixtures.gcs import upload_prepared
 from tests.fixtures.git_http import GitOverHttp
 
@@ -51,14 +52,16 @@ TINY += ["-b", "16", "-f", "16", "-e", "1", "--patience", "0"]
 BUILD_TIMEOUT_S = 3600
 
 _numbers: dict[str, object] = {}
-_skipped: list[str] = []  # one line, when the container tests cannot run here
+summary.SECTIONS["container numbers (also in .cache/container/numbers.json)"] = _numbers
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
     ours = [item for item in items if here in Path(item.fspath).parents]
     for item in ours:
         item.add_marker(pytest.mark.container)
+        item.add_marker(pytest.mark.xdist_group("docker"))  # one engine and one image build: one worker
         # Whichever test comes first sets up the engine and builds the image: cold, that is
         # ~3 min of debootstrap plus ~6 min of build (the locked environment, TF wheels included).
         item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
@@ -68,22 +71,17 @@ def pytest_collection_modifyitems(config, items):
     if reason:
         items[:] = [item for item in items if item not in ours]
         config.hook.pytest_deselected(items=ours)
-        _skipped.append(f"container tests: {len(ours)} not run: {reason}")
+        summary.SECTIONS["container tests not run"] = [f"{len(ours)} tests: {reason}"]
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-def pytest_terminal_summary(terminalreporter):
-    for line in _skipped:
-        terminalreporter.write_line(line, yellow=True)
+def pytest_sessionfinish(session):
     if _numbers:
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / "numbers.json").write_text(json.dumps(_numbers, indent=2) + "\n")
-        terminalreporter.write_sep("-", "container numbers (also in .cache/container/numbers.json)")
-        for key, value in _numbers.items():
-            terminalreporter.write_line(f"{key}: {value}")
 
 
 @pytest.fixture(scope="session")
