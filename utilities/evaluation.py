@@ -56,12 +56,6 @@ def _per_class_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
     return aucs
 
 
-def _mean_of_known(values: list[float | None]) -> float | None:
-    """macro AUC: the mean over classes with both positives and negatives; None if none has."""
-    known = [v for v in values if v is not None]
-    return float(np.mean(known)) if known else None
-
-
 def _balanced_accuracy(cm: np.ndarray) -> float:
     """Mean recall over the classes that occur in y_true (rows with support), from a C×C matrix."""
     support = cm.sum(axis=1)
@@ -83,6 +77,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
     labels = list(range(len(class_names)))
     y_pred = probs.argmax(axis=1)
     aucs = _per_class_auc(y_true, probs)
+    known_aucs = [auc for auc in aucs if auc is not None]  # classes with both positives and negatives
     cm = confusion_matrix(y_true, y_pred, labels=labels)  # rows = true class, columns = predicted
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
@@ -97,7 +92,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
         "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": _balanced_accuracy(cm),
         "macro_f1": float(f1_score(y_true, y_pred, labels=seen, average="macro", zero_division=0)),
-        "macro_auc": _mean_of_known(aucs),
+        "macro_auc": float(np.mean(known_aucs)) if known_aucs else None,
         # None where a class lacks positives or negatives in this split (macro_auc skips those too).
         "per_class_auc": dict(zip(class_names, aucs, strict=True)),
         "per_class_recall": {name: float(v) for name, v in zip(class_names, recall, strict=True)},
