@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -246,6 +247,7 @@ def _gallery(count: int, seed: int = 0) -> list[dict]:
             "true": CLASS_NAMES[i % 8],
             "predicted": CLASS_NAMES[(i + 1) % 8],
             "probability": 0.99 - 0.02 * i,
+            "true_probability": 0.004 * i,
         }
         for i in range(count)
     ]
@@ -358,3 +360,16 @@ def test_reliability_grid_wraps_after_four_variants(tmp_path):
     panels = rp._reliability_panels(analysis_metrics(extra_variants=3))  # model, int8, pruned_0..2: 2 rows of 4
     assert list(panels) == ["model", "int8", "pruned_0", "pruned_1", "pruned_2"]  # not the failed variant
     _assert_png(rp.plot_reliability(panels, tmp_path / "reliability.png"))
+
+
+def test_best_epoch_is_the_first_of_the_highest_val_scores():
+    assert rp._best_epoch([0.2, 0.5, None, 0.5, 0.4]) == 2  # 1-based; ties keep the first, as EarlyStopping
+    assert rp._best_epoch([math.nan, None]) is None
+
+
+def test_subgroup_legend_names_only_the_bars_drawn():
+    """A run whose every group scores 0 has no group below the interval: no "(< 0.00)" entry, no orange."""
+    labels = [h.get_label() for h in rp._subgroup_legend({"C0"}, 0.0, 0.0, 20)]
+    assert labels == ["n ≥ 20, within or above the interval", "all test images (0.00)"]
+    labels = [h.get_label() for h in rp._subgroup_legend({"C0", "C1", "0.82"}, 0.7, 0.61, 20)]
+    assert any("below its 95% interval (< 0.61)" in label for label in labels) and len(labels) == 4

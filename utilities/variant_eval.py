@@ -127,6 +127,7 @@ def most_confident_mistakes(
             "true": CLASS_NAMES[labels[i]],
             "predicted": CLASS_NAMES[predicted[i]],
             "probability": float(confidence[i]),
+            "true_probability": float(probs[i, labels[i]]),
         }
         for i in chosen
     ]
