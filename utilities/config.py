@@ -251,6 +251,13 @@ class CompressionConfig:
     teacher: str | None = opt(
         None, "--teacher", help="saved teacher model to distill from (default: the model just trained)"
     )
+    trust_model_code: bool = opt(
+        False,
+        "--trust-model-code",
+        action="store_true",
+        help="load --teacher even if it holds Python code (Lambda layers, classes from outside tf_keras and this "
+        "job), which then runs: only for a model you wrote",
+    )
     temperature: float = opt(4.0, "--temperature", help="distillation temperature on logits")
     alpha: float = opt(0.1, "--alpha", help="weight of the hard-label loss (1-alpha on the teacher)")
     student_epochs: int = opt(0, "--student-epochs", help="student epochs (0: same as --epochs)")
@@ -267,6 +274,7 @@ class CompressionConfig:
         _check(self.student_epochs >= 0, "--student-epochs must be >= 0")
         _check(self.student_filters >= 1, "--student-filters must be at least 1")
         _check(not self.teacher or self.distill, "--teacher is only used with -d/--distill; add -d or drop --teacher")
+        _check(not self.trust_model_code or self.teacher, "--trust-model-code applies only to --teacher; drop it")
         for mode in self.quantize:
             _check(mode in QUANTIZE_MODES, f"unknown --quantize {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
 
@@ -277,6 +285,15 @@ class CompressionConfig:
 
 
 _NAME = r"[A-Za-z0-9._-]+"  # a model name or run id: one path segment
+# Files the job writes in {output}/{model_name}/ beside the run folders: no run id may take their names.
+_MODEL_FOLDER_FILES = ("latest.json",)
+
+
+def _check_name(flag_name: str, value: str) -> None:
+    """A model name or run id is one new folder: '.' or '..' would put the run (and latest.json) outside --output,
+    and names starting with '.' are where the job keeps temporary files (`.latest.json.tmp-…`)."""
+    _check(bool(re.fullmatch(_NAME, value)), f"{flag_name} {value!r} may use only letters, digits, '.', '_' and '-'")
+    _check(not value.startswith("."), f"{flag_name} {value!r} may not start with '.' (nor be '.' or '..')")
 
 
 @dataclass(frozen=True)
@@ -329,14 +346,14 @@ class OutputConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(
-            bool(re.fullmatch(_NAME, self.model_name)),
-            f"--model-name {self.model_name!r} may use only letters, digits, '.', '_' and '-'",
-        )
-        _check(
-            self.run_id == "" or bool(re.fullmatch(_NAME, self.run_id)),
-            f"--run-id {self.run_id!r} may use only letters, digits, '.', '_' and '-'",
-        )
+        _check_name("--model-name", self.model_name)
+        if self.run_id:
+            _check_name("--run-id", self.run_id)
+            _check(  # lower case too: a case-insensitive disk (macOS) would collide as well
+                self.run_id.lower() not in _MODEL_FOLDER_FILES,
+                f"--run-id {self.run_id!r} is the name of a file the job writes beside the runs "
+                f"({self.model_name}/{self.run_id.lower()}); choose another",
+            )
 
     @property
     def run_uri(self) -> str:

@@ -8,10 +8,17 @@ Preprocessing lives inside the model so a saved or TFLite model takes raw pixels
 here is registered with Keras, so `tf_keras.models.load_model(path)` needs no `custom_objects` once
 this module is imported (`import utilities.model`); a SavedModel export (for serving) loads with
 `tf.saved_model.load(path)` and needs nothing.
+
+A model file is a program: `load_model` reads its config as JSON and refuses Python code in it
+(`check_model_file`: Lambda layers, classes outside tf_keras and this job) before Keras deserialises
+anything; `trust_code=True` (`--trust-model-code`) skips the check for a file the user wrote.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,16 +28,13 @@ import tensorflow as tf
 import tf_keras
 
 from utilities.config import ModelConfig
-from utilities.errors import JobError, one_line
+from utilities.errors import one_line
+from utilities.model_trust import KERAS_FILE, ModelError, check_model_file
 from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
 
 # ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ModelError(JobError, ValueError):
-    """A model that cannot be built or loaded; the message is one line."""
 
 
 @tf_keras.utils.register_keras_serializable(package="dermaid")
@@ -125,6 +129,8 @@ def build_backbone(weights: str, image_size: int) -> tf_keras.Model:
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise ModelError(f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing weights file")
     source = None if weights == "none" else weights
+    # A weights file (.h5, .keras, checkpoint) is read for its arrays only (`load_weights`): no config in it is
+    # deserialised, so a Lambda in a full model file passed here never runs (tests/test_model_trust.py).
     try:
         return tf_keras.applications.DenseNet121(
             include_top=False, weights=source, input_shape=(image_size, image_size, 3), pooling="avg"
@@ -259,7 +265,10 @@ def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int 
     return used
 
 
-KERAS_FILE = "model.keras"  # the model inside a run's model/ folder
+class ModelSaveError(ModelError):
+    """A model the run could not write (a full disk): the run failed on the way (exit 1); a rerun resumes."""
+
+    exit_code = 1
 
 
 def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
@@ -267,13 +276,27 @@ def save_model(model: tf_keras.Model, folder: str | Path) -> Path:
 
     Without optimizer state: Adam's two moments would triple the file of a fine-tuned model, and
     resuming uses the training checkpoints, not this export. Always float32 compute (`float32_copy`).
+    Atomic: written under a temporary name in `folder`, then renamed, so a failed write (a full disk)
+    leaves the previous file, if any, and no partial one that a later load would trip over.
     """
     path = Path(folder) / KERAS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = float32_copy(model)
-    # A fresh functional wrapper over the same layers has no optimizer attached (the .keras format
-    # has no include_optimizer switch).
-    tf_keras.Model(inputs=model.input, outputs=model.output, name=model.name).save(str(path))
+    # The temporary name ends in .keras too: Keras picks the file format from the name.
+    partial = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh functional wrapper over the same layers has no optimizer attached (the .keras format
+        # has no include_optimizer switch).
+        tf_keras.Model(inputs=model.input, outputs=model.output, name=model.name).save(str(partial))
+        os.replace(partial, path)
+    except OSError as exc:
+        full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise ModelSaveError(
+            f"cannot write model {path}{full}: {one_line(exc)}; no partial file was kept. Free the space, then rerun "
+            "the same command with the same --run-id: the run resumes from its last backup"
+        ) from exc
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -293,13 +316,19 @@ def save_recalibrated(model: tf_keras.Model, folder: str | Path, batches: Any) -
     return used
 
 
-def load_model(path: str | Path) -> tf_keras.Model:
-    """Reload a saved model: a .keras file, a folder holding one, or a SavedModel folder."""
+def load_model(path: str | Path, trust_code: bool = False) -> tf_keras.Model:
+    """Reload a saved model: a .keras file, a folder holding one, a Keras SavedModel folder or a legacy .h5.
+
+    Unless `trust_code`, its config is checked first (`check_model_file`) and a .keras file loads in
+    Keras' safe_mode. `trust_code=True` (`--trust-model-code`, a file the user wrote) lets its code run.
+    """
     path = Path(path)
     if path.is_dir() and (path / KERAS_FILE).is_file():
         path = path / KERAS_FILE
+    if not trust_code:
+        check_model_file(path)
     try:
-        return tf_keras.models.load_model(str(path))
+        return tf_keras.models.load_model(str(path), safe_mode=not trust_code)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot load model {path}: {one_line(exc)}") from exc
 
@@ -309,7 +338,9 @@ __all__ = [
     "BalancedAccuracy",
     "FusionLayer",
     "ModelError",
+    "ModelSaveError",
     "build_model",
+    "check_model_file",
     "compile_model",
     "float32_config",
     "float32_copy",

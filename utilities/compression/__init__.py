@@ -68,7 +68,7 @@ def check_inputs(config: Config, train_examples: int | None = None, load_teacher
         config.check_train_examples(train_examples)
     c = config.compression
     if c.distill and c.teacher and load_teacher_model:
-        load_teacher(c.teacher, config.data.image_size)
+        load_teacher(c.teacher, config.data.image_size, trust_code=c.trust_model_code)
 
 
 # ====================================================================== driver

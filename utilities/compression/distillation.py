@@ -40,14 +40,17 @@ _PROB_FLOOR = 1e-7  # probabilities are clipped here before log() so log(0) neve
 # ====================================================================== teacher and student
 
 
-def load_teacher(path: str, image_size: int) -> tf_keras.Model:
-    """A saved model usable as teacher: inputs `image` (S,S,3) and `metadata` (28,), output (8,)."""
+def load_teacher(path: str, image_size: int, trust_code: bool = False) -> tf_keras.Model:
+    """A saved model usable as teacher: inputs `image` (S,S,3) and `metadata` (28,), output (8,).
+
+    Its config is checked for Python code first (`load_model`), unless `trust_code` (`--trust-model-code`).
+    """
     if not Path(path).exists():
         raise ModelError(f"--teacher {path} does not exist")
     try:
-        teacher = load_model(path)
-    except ModelError:
-        raise
+        teacher = load_model(path, trust_code=trust_code)
+    except ModelError as exc:
+        raise ModelError(f"--teacher: {exc}") from exc
     except Exception as exc:  # a corrupt file raises zipfile/h5py/protobuf errors, not just OSError
         raise ModelError(f"cannot load --teacher {path}: {one_line(exc)}") from exc
     shapes = {tensor.name.split(":")[0]: tuple(tensor.shape[1:]) for tensor in teacher.inputs}
@@ -276,7 +279,7 @@ class Distillation:
     def produce(self, model: tf_keras.Model, data, strategy) -> tuple[tf_keras.Model, dict[str, Any]]:
         c, image_size = self.config.compression, self.config.data.image_size
         with strategy.scope():
-            teacher = load_teacher(c.teacher, image_size) if c.teacher else model
+            teacher = load_teacher(c.teacher, image_size, trust_code=c.trust_model_code) if c.teacher else model
             student = build_student(image_size, c.student_filters, self.config.model.dropout)
             loss_fn = DistillationLoss(c.temperature, c.alpha, class_weight_vector(data.class_weights))
         summary = train_student(
