@@ -12,7 +12,11 @@
 # Credentials never reach a command line or the log: a token in an https REPO URL
 # (https://user:TOKEN@host/..., https://TOKEN@host/...) or in $GIT_LOGIN (user:token, or the original's
 # https://user:token) is handed to git and DVC by a private credential helper (git-credentials.sh),
-# and the URL is printed as https://***@host/....
+# and the URL is printed as https://***@host/.... A token in the URL's query (?access_token=...) is refused:
+# it would reach git's command line. Pass the repository in DVC_REPO rather than -r when it holds a
+# token (a command line is readable by every process). A REPO or TAG starting with "-" is refused (it
+# would be read as an option), and git may speak only file, git, http(s) and ssh (GIT_ALLOW_PROTOCOL;
+# set it yourself for a remote helper such as codecommit::).
 set -eu
 
 USAGE="usage: sh dvc_pull.sh [-t TAG] [-r REPO]   (TAG defaults to \$DVC_TAG, REPO to \$DVC_REPO)"
@@ -27,8 +31,15 @@ die() { # die MESSAGE: one line on stderr, exit 1
     exit 1
 }
 
-redact() { # hide user:password@ / token@ in URLs
-    printf '%s' "$1" | sed 's#://[^/@]*@#://***@#g'
+# Query parameters named like a credential, in any case: access_token, key, password, X-Goog-Signature, ...
+SECRET_PARAM='[Tt][Oo][Kk][Ee][Nn]|[Kk][Ee][Yy]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss]|[Pp][Ww][Dd]|[Ss][Ii][Gg]|[Cc][Rr][Ee][Dd][Ee][Nn][Tt][Ii][Aa][Ll]|[Aa][Uu][Tt][Hh]'
+
+redact_query() { # hide the values of credential-like query parameters (as utilities.errors.redact_url)
+    printf '%s' "$1" | sed -E "s/([?&;][^=&;#[:space:]]*($SECRET_PARAM)[^=&;#[:space:]]*=)[^&;#[:space:]]*/\\1***/g"
+}
+
+redact() { # hide user:password@ / token@ (up to the authority's last @) and credential query values in URLs
+    redact_query "$1" | sed -E 's|://[^/?#[:space:]]*@|://***@|g'
 }
 
 explain() { # the line of a git/dvc log that says what went wrong, redacted
@@ -85,13 +96,20 @@ shift $((OPTIND - 1))
 case "$tag" in
 -* | *[!A-Za-z0-9._-]*) usage "invalid tag: use letters, digits, '.', '_', '-'" ;;
 esac
+# The repository is never echoed here: it may hold a token.
+case "$repo" in
+-*) usage "invalid REPO: it starts with '-' and would be read as an option" ;;
+*[[:cntrl:]]*) usage "invalid REPO: it holds a control character" ;;
+esac
+[ "$(redact_query "$repo")" = "$repo" ] ||
+    usage "REPO has a credential in its query, which git would put on its command line: use https://user:TOKEN@host/... in DVC_REPO, or GIT_LOGIN=user:token"
 for tool in git dvc python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found on PATH (activate the project's .venv)"
 done
 
 shown=$(redact "$repo")
 here=$(cd "$(dirname "$0")" && pwd)
-export GIT_TERMINAL_PROMPT=0 DVC_NO_ANALYTICS=1
+export GIT_TERMINAL_PROMPT=0 DVC_NO_ANALYTICS=1 GIT_ALLOW_PROTOCOL="${GIT_ALLOW_PROTOCOL:-file:git:http:https:ssh}"
 # Download beside the destination, then rename: an interrupted pull never leaves half a Versioning/.
 work=$(mktemp -d ./.dvc_pull.XXXXXX)
 trap 'rm -rf "$work"; git_credentials_cleanup' EXIT
@@ -119,7 +137,7 @@ else
 fi
 
 # --- Resolve the tag (peeled: an annotated tag's ^{} line names the commit) ---------------------------
-git ls-remote --tags "$repo" >"$work/tags" 2>"$work/log" || die "cannot read registry $shown: $(explain "$work/log")"
+git ls-remote --tags -- "$repo" >"$work/tags" 2>"$work/log" || die "cannot read registry $shown: $(explain "$work/log")"
 sha=$(awk -v ref="refs/tags/$tag" '$2 == ref { s = $1 } $2 == ref "^{}" { p = $1 } END { print (p != "" ? p : s) }' "$work/tags")
 if [ -z "$sha" ]; then
     tags=$(sed -n 's#^[0-9a-f]*[[:space:]]*refs/tags/##p' "$work/tags" | grep -v '\^{}$' | sort | paste -s -d , - | sed 's/,/, /g' || true)
@@ -127,15 +145,16 @@ if [ -z "$sha" ]; then
 fi
 
 # --- Fetch Versioning/ at that commit --------------------------------------------------------------
-set -- "$repo" Versioning --rev "$sha" -o "$work/Versioning"
+# Options first, then "--": the repository is only ever a positional argument.
+set -- --rev "$sha" -o "$work/Versioning"
 if [ -n "${STORAGE_EMULATOR_HOST:-}" ]; then
     # endpointurl is valid only for cloud remotes (DVC rejects it for a local folder): ask first.
-    url=$(dvc get --show-url "$@" 2>"$work/log") || die "dvc get --show-url failed for $tag: $(explain "$work/log")"
+    url=$(dvc get --show-url "$@" -- "$repo" Versioning 2>"$work/log") || die "dvc get --show-url failed for $tag: $(explain "$work/log")"
     case "$url" in
     gs://*) set -- "$@" --remote-config "endpointurl=$STORAGE_EMULATOR_HOST" ;;
     esac
 fi
-dvc get "$@" >"$work/log" 2>&1 || die "dvc get of $tag from $shown failed: $(explain "$work/log")"
+dvc get "$@" -- "$repo" Versioning >"$work/log" 2>&1 || die "dvc get of $tag from $shown failed: $(explain "$work/log")"
 manifest="$work/Versioning/versioned_paths.pickle"
 [ -f "$manifest" ] || die "registry $shown has no Versioning/versioned_paths.pickle at $tag"
 summary=$(python3 -c "$SUMMARY_PY" "$manifest" "$here" 2>"$work/log") || die "$tag: $(explain "$work/log")"

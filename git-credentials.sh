@@ -5,14 +5,24 @@
 #     . ./git-credentials.sh
 #     split_login "https://user:token"        # or "user:token" → $login_user, $login_token
 #     split_url "https://user:token@host/org/repo.git"  # → $url_clean, $url_origin, $url_user, $url_token
-#     git_credentials "$url_origin" "$login_user" "$login_token"   # exports GIT_CONFIG_GLOBAL
+#     git_credentials "$url_origin" "$login_user" "$login_token"   # exports GIT_CONFIG_GLOBAL, GIT_CONFIG_NOSYSTEM, GIT_CONFIG_COUNT
 #     ...; git_credentials_cleanup                                   # in an EXIT trap
 #
 # The credential lives in a private directory (mktemp -d, umask 077) with a helper script answering
 # git's "get" for that origin only (gitcredentials(7)). GIT_CONFIG_GLOBAL points at a config holding
-# only the helper (plus an include of the user's own config), so git and DVC (dulwich reads the same
-# file) find it while ~/.gitconfig and every .git/config stay untouched. printf is a shell builtin:
-# the token is never in the argv of any process.
+# the helper (plus includes of the system's and the user's own config), so git and DVC (dulwich reads
+# the same file) find it while ~/.gitconfig and every .git/config stay untouched. printf is a shell
+# builtin: the token is never in the argv of any process.
+#
+# No other credential helper ever sees the token: after a request that worked, git hands the
+# credential to every configured helper to *store* (`helper = store` in ~/.gitconfig would write
+# https://user:TOKEN@host into ~/.git-credentials), and so does DVC's git client (scmrepo), which
+# calls the helpers it reads from the global and system files. So: an empty `helper =` after the
+# includes clears git's list (and is the last value scmrepo reads in the generic section), every
+# section that names a helper gets an empty one too (scmrepo reads each section on its own), the
+# system file is read through ours (GIT_CONFIG_NOSYSTEM; scmrepo would read it separately), and the
+# same reset plus our helper come again as command-line config (GIT_CONFIG_COUNT/KEY_n/VALUE_n),
+# which git reads after a repository's own .git/config.
 
 # split_login LOGIN: the original's GIT_LOGIN ("https://<user>:<token>") or "user:token".
 split_login() {
@@ -80,15 +90,49 @@ while IFS= read -r line && [ -n "$line" ]; do :; done
 exit 0
 HELPER
     chmod 700 "$GIT_CREDENTIALS_DIR/helper"
+    _helper="!'$GIT_CREDENTIALS_DIR/helper'"
     {
-        # Keep the user's own settings (proxies, URL rewrites) when running outside the image.
-        _user_config=${GIT_CONFIG_GLOBAL:-${HOME:-/nonexistent}/.gitconfig}
-        if [ -f "$_user_config" ]; then printf '[include]\n\tpath = %s\n' "$_user_config"; fi
-        printf '[credential "%s"]\n\thelper = !'"'"'%s'"'"'\n' "$1" "$GIT_CREDENTIALS_DIR/helper"
+        # Keep the system's and the user's settings (proxies, URL rewrites, CA files) outside the image.
+        if [ -z "${GIT_CONFIG_NOSYSTEM:-}" ]; then _git_include "${GIT_CONFIG_SYSTEM:-/etc/gitconfig}"; fi
+        if [ -n "${GIT_CONFIG_GLOBAL:-}" ]; then
+            _git_include "$GIT_CONFIG_GLOBAL"
+        else
+            _git_include "${XDG_CONFIG_HOME:-${HOME:-/nonexistent}/.config}/git/config"
+            _git_include "${HOME:-/nonexistent}/.gitconfig"
+        fi
+        # ... but none of their credential helpers (see the top of this file).
+        printf '[credential]\n\thelper =\n'
+        _git_helper_sections | while IFS= read -r _section; do
+            printf '[credential "%s"]\n\thelper =\n' "$_section"
+        done
+        printf '[credential "%s"]\n\thelper = %s\n' "$1" "$_helper"
     } >"$GIT_CREDENTIALS_DIR/gitconfig"
     GIT_CONFIG_GLOBAL=$GIT_CREDENTIALS_DIR/gitconfig
-    export GIT_CONFIG_GLOBAL
+    GIT_CONFIG_NOSYSTEM=1
+    unset GIT_CONFIG_SYSTEM
+    export GIT_CONFIG_GLOBAL GIT_CONFIG_NOSYSTEM
+    # Command-line config, after the repository's: clear the helpers, then ours (values, not argv).
+    _n=${GIT_CONFIG_COUNT:-0}
+    case $_n in '' | *[!0-9]*) _n=0 ;; esac
+    export "GIT_CONFIG_KEY_$_n=credential.helper" "GIT_CONFIG_VALUE_$_n="
+    _n=$((_n + 1))
+    export "GIT_CONFIG_KEY_$_n=credential.$1.helper" "GIT_CONFIG_VALUE_$_n=$_helper"
+    GIT_CONFIG_COUNT=$((_n + 1))
+    export GIT_CONFIG_COUNT
     umask "$_umask"
+}
+
+# _git_include FILE: an [include] of FILE when it exists (a path git could not read back is skipped).
+_git_include() {
+    case $1 in *'"'* | *\\* | *[[:cntrl:]]*) return 0 ;; esac
+    if [ -f "$1" ]; then printf '[include]\n\tpath = "%s"\n' "$1"; fi
+}
+
+# _git_helper_sections: the URL of each [credential "URL"] section that names a helper in the config
+# git reads here (system, global, this repository's, included files), escaped for a section header.
+_git_helper_sections() {
+    { git config --name-only --get-regexp '^credential\..+\.helper$' 2>/dev/null || true; } |
+        sed -n -e 's/[\\"]/\\&/g' -e 's/^credential\.\(.*\)\.helper$/\1/p'
 }
 
 git_credentials_cleanup() {

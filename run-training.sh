@@ -57,6 +57,7 @@ if [[ ! -f $MANIFEST ]]; then
     exit 1
 fi
 
-# Training needs no git credentials: drop run-commands.sh's credential config from its environment.
-exec env -u GIT_CONFIG_GLOBAL "$python" "$here/cli.py" -g "$gpus" --manifest "$MANIFEST" \
+# Training needs no git credentials: drop run-commands.sh's credential config (git-credentials.sh) from
+# its environment; without GIT_CONFIG_COUNT, the GIT_CONFIG_KEY_n/VALUE_n left behind are not read.
+exec env -u GIT_CONFIG_GLOBAL -u GIT_CONFIG_NOSYSTEM -u GIT_CONFIG_COUNT "$python" "$here/cli.py" -g "$gpus" --manifest "$MANIFEST" \
     --data-tag "$tag" --output "$output" "$@"

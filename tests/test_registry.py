@@ -117,6 +117,18 @@ def test_meaningful_line_prefers_errors_and_redacts() -> None:
     assert registry.meaningful_line("a\nlast words\n") == "last words"
 
 
+def test_remote_holding_a_credential_is_refused_before_anything(tmp_path: Path, capsys) -> None:
+    reg = tmp_path / "reg"
+    args = ["--registry", str(reg), "--manifest", str(_manifest(tmp_path / "m.pickle", 1)), "--tag", "v1"]
+    for remote in ("https://user:S3CRET@host/dvc", "gs://bucket/dvc?X-Goog-Signature=S3CRET"):
+        assert registry.main([*args, "--remote", remote]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --remote ") and "holds a credential" in err and err.count("\n") == 1
+        assert "S3CRET" not in err
+    assert not reg.exists()
+    assert registry.meaningful_line("ERROR: https://h/r?access_token=S3CRET\n") == "ERROR: https://h/r?access_token=***"
+
+
 def test_pull_usage_errors(tmp_path: Path) -> None:
     for args in ([], ["-r", str(tmp_path)], ["-t", "dataset_v01"], ["-t", "v1", "-x"], ["-t", "a b", "-r", "r"]):
         proc = _pull(tmp_path, *args)

@@ -60,7 +60,7 @@ def test_sanitize_redacts_secret_keys_and_url_credentials_recursively():
     assert clean["GIT_TOKEN"] == tracking.REDACTED
     assert clean["workers"] == [{"Password": tracking.REDACTED, "host": "w0"}]
     assert clean["nested"]["deeper"]["gcp_credentials"] == tracking.REDACTED
-    assert clean["repo"] == "https://gitlab.example.com/team/registry.git"
+    assert clean["repo"] == "https://***@gitlab.example.com/team/registry.git"
     assert clean["output"] == "gs://bucket/models"
     assert config["GIT_TOKEN"] == "ghp_secret"  # the input is not modified
 

@@ -99,6 +99,10 @@ def test_single_machine_cpu_job_on_standard_vms():
         ),
         (["--dvc-repo", "ssh://git:SECRETTOKEN123@host/org/r.git"], "must not embed credentials"),
         (["--dvc-repo", "https://SECRETTOKEN123@[::1/r.git"], "--dvc-repo is not a valid URL"),
+        (["--dvc-repo", "https://host/org/r.git?access_token=SECRETTOKEN123"], "must not carry a token in its query"),
+        (["--dvc-repo", "https://host/r.git?ref=main&private_token=SECRETTOKEN123"], "--git-login-secret"),
+        (["--dvc-repo", "https://host/r.git?X-Goog-Signature=SECRETTOKEN123"], "must not carry a token"),
+        (["--dvc-repo", "https://host/r.git#access_token=SECRETTOKEN123"], "must not carry a token"),
         (["--dvc-repo", ""], "--dvc-repo (or $DVC_REPO) is required"),
         (["--accelerator-count", "-1"], "--accelerator-count must be >= 0"),
         (["--accelerator-type", "nvidia t4"], "is not like NVIDIA_TESLA_T4"),
@@ -125,6 +129,29 @@ def test_bad_arguments_exit_2_with_one_error_line(capsys, args, message):
 def test_repo_urls_without_credentials_are_kept(repo):
     (pool,) = spec(dvc_repo=repo)["worker_pool_specs"]
     assert pool["container_spec"]["env"][0] == {"name": "DVC_REPO", "value": repo}
+
+
+def test_a_credential_in_an_argument_for_the_container_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vertex_submit.main([*BASE, "--dry-run", "--", "--output", "https://u:SECRETTOKEN123@host/out"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "an argument after -- holds a credential" in err.strip().splitlines()[-1]
+    assert "SECRETTOKEN123" not in err
+
+
+def test_help_and_spec_never_show_a_token_from_dvc_repo(monkeypatch, capsys):
+    monkeypatch.setenv("DVC_REPO", "https://x-access-token:SECRETTOKEN123@host/org/r.git")
+    with pytest.raises(SystemExit) as exit_info:
+        vertex_submit.main(["--help"])
+    assert exit_info.value.code == 0 and "SECRETTOKEN123" not in capsys.readouterr().out
+    base = [arg for arg in BASE if arg not in ("--dvc-repo", "https://registry.test/org/reg.git")]
+    with pytest.raises(SystemExit) as exit_info:  # the variable is read, and refused like the flag
+        vertex_submit.main([*base, "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must not embed credentials" in err and "SECRETTOKEN123" not in err
+    monkeypatch.setenv("DVC_REPO", "https://registry.test/org/env.git")
+    assert vertex_submit.main([*base, "--dry-run"]) == 0
+    assert '"value": "https://registry.test/org/env.git"' in capsys.readouterr().out
 
 
 def test_missing_required_flag_exits_2(capsys):

@@ -9,7 +9,9 @@ gs://. The data is a manifest (`--manifest`, local or gs://) or a registry tag (
 `evaluations/{model}_{tag or manifest}_{time}`) gets what a run writes about its model — metrics.json
 (intervals, calibration, triage, subgroups), predictions/ in the ISIC layout, report.md and its figures
 — plus evaluation.json: the lineage naming the model's run (its run.json, when found beside the model)
-and the data's manifest sha256. The image size comes from the model's input.
+and the data's manifest sha256. The image size comes from the model's input. A registry URL may hold a
+token (`https://user:TOKEN@host/…`, as $DVC_REPO does): it reaches dvc_pull.sh through the environment,
+never a command line, and the records name the registry without it (`https://***@host/…`).
 
 Exit status: 0 done; 2 bad model, manifest, tag or flags (one line on stderr); 1 anything else.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utilities.errors import JobError, one_line
+from utilities.errors import JobError, one_line, redact_url
 
 log = logging.getLogger("tools.evaluate")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--manifest", help="the dataset version's manifest (versioned_paths.pickle; local or gs://)")
     data.add_argument("--tag", help="a dataset tag of the registry (dvc_pull.sh fetches its manifest)")
-    parser.add_argument("--registry", default=os.environ.get("DVC_REPO"), help="data registry for --tag ($DVC_REPO)")
+    parser.add_argument(
+        "--registry",
+        default=os.environ.get("DVC_REPO"),
+        help="data registry for --tag ($DVC_REPO; a URL holding a token belongs there: argv is visible to all)",
+    )
     parser.add_argument(
         "--output", help="evaluation folder (local or gs://); default evaluations/{model}_{data}_{time}"
     )
@@ -62,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=".cache/shards", help="local cache of remote shards")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per 95%% interval (0: none)")
     parser.add_argument("--gallery", type=int, default=18, help="most confident test mistakes in the report")
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="load a Keras --model even if it holds Python code (Lambda layers, classes from outside tf_keras and "
+        "this job), which then runs: only for a model you wrote",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.gallery < 0 or not (args.bootstrap == 0 or args.bootstrap >= 100):
         parser.error("--batch-size must be >= 1, --gallery >= 0, --bootstrap 0 or >= 100")
@@ -113,7 +125,7 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def load(uri: str, scratch: Path) -> LoadedModel:
+def load(uri: str, scratch: Path, trust_code: bool = False) -> LoadedModel:
     """The model behind `uri`, ready to predict: Keras (.keras / model folder / run folder) or TFLite."""
     path = _local_copy(uri, scratch)
     run = _run_record(path if path.is_dir() else path.parent)
@@ -130,7 +142,7 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     from utilities import variant_eval
     from utilities.model import load_model
 
-    model = load_model(path)
+    model = load_model(path, trust_code=trust_code)
     inputs = {tensor.name.split(":")[0]: tensor for tensor in model.inputs}
     if "image" not in inputs or "metadata" not in inputs:
         raise EvaluateError(f"--model {uri} does not take this job's inputs (image, metadata): it has {sorted(inputs)}")
@@ -146,17 +158,18 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
     """The tag's manifest, fetched by dvc_pull.sh (the one reader of the registry: credentials, redaction)."""
     # dvc (and this python) from the environment running us first, as `make demo` does.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # The registry travels in DVC_REPO, not argv: any process can read a command line (/proc/*/cmdline).
     done = subprocess.run(
-        ["sh", str(ROOT / "dvc_pull.sh"), "-t", tag, "-r", registry],
+        ["sh", str(ROOT / "dvc_pull.sh"), "-t", tag],
         cwd=scratch,
-        env={**os.environ, "PATH": path},
+        env={**os.environ, "PATH": path, "DVC_REPO": registry},
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise EvaluateError(f"cannot fetch tag {tag}: {lines[-1] if lines else 'dvc_pull.sh failed'}")
+        raise EvaluateError(f"cannot fetch tag {tag}: {redact_url(lines[-1]) if lines else 'dvc_pull.sh failed'}")
     return scratch / "Versioning" / "versioned_paths.pickle"
 
 
@@ -165,17 +178,18 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
 
 def evaluate(args: argparse.Namespace) -> Path:
     """Score the model on the data's val and test splits; write the evaluation folder; return where."""
-    from utilities import data, report, storage, variant_eval
-    from utilities.predictions import write_predictions
     from utilities.runs import git_commit, now, write_json
 
     started = now()
-    _refuse_existing(args.output)
+    _refuse_existing(args.output)  # before TensorFlow loads: a wrong --output is refused in a blink
+    from utilities import data, report, storage, variant_eval
+    from utilities.predictions import write_predictions
+
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         scratch = Path(tmp)
         manifest_path = fetch_tag(args.tag, args.registry, scratch) if args.tag else args.manifest
         manifest = data.load_manifest(manifest_path)  # before the model: a bad manifest is refused in a second
-        model = load(args.model, scratch)
+        model = load(args.model, scratch, trust_code=args.trust_model_code)
         shards = data.fetch_shards(manifest, args.cache_dir)
         evaluated = data.build_eval_data(shards, model.image_size, args.batch_size)
         if not len(evaluated.identities["val"].labels) or not len(evaluated.identities["test"].labels):
@@ -192,11 +206,11 @@ def evaluate(args: argparse.Namespace) -> Path:
         names = evaluated.identities["test"].names
         gallery = variant_eval.most_confident_mistakes(evaluated.test, result, names, args.gallery)
         lineage = {
-            "model": model.uri,
+            "model": redact_url(model.uri),
             "model_run": _run_summary(model.run),
             "data": {
                 "tag": args.tag,
-                "manifest": str(args.manifest or f"{args.registry}@{args.tag}"),
+                "manifest": redact_url(str(args.manifest or f"{args.registry}@{args.tag}")),
                 "manifest_sha256": manifest.digest,
                 "counts": {split: len(who.labels) for split, who in evaluated.identities.items()},
             },
@@ -214,7 +228,7 @@ def evaluate(args: argparse.Namespace) -> Path:
 
 
 def _refuse_existing(out_uri: str | None) -> None:
-    """An evaluation never overwrites another: its folder must be new (or empty)."""
+    """An evaluation never overwrites another: its folder must be new (or empty), and a folder."""
     from utilities import storage
 
     if out_uri is None:
@@ -222,9 +236,14 @@ def _refuse_existing(out_uri: str | None) -> None:
     if storage.is_gcs(out_uri):
         taken = storage.exists(storage.join(out_uri, "metrics.json"))
     else:
-        taken = Path(out_uri).exists() and any(Path(out_uri).iterdir())
+        path = Path(out_uri)
+        # Checked before the model is scored: a file on the way would fail only at the first write.
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise EvaluateError(f"--output {out_uri}: {blocker} is a file, not a folder; choose a new folder")
+        taken = path.is_dir() and any(path.iterdir())
     if taken:
-        raise EvaluateError(f"--output {out_uri} already holds files; choose a new folder")
+        raise EvaluateError(f"--output {redact_url(out_uri)} already holds files; choose a new folder")
 
 
 def _run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ reuse the configured remote unless a new one is given.
 Order matters: the manifest is pushed to the DVC remote *before* the commit and the tag, so a tag
 never points at data the remote lacks. With STORAGE_EMULATOR_HOST set, a gs:// remote gets
 `endpointurl` in `.dvc/config.local` (machine-specific, never committed); dvc_pull.sh passes the same
-endpoint to `dvc get`.
+endpoint to `dvc get`. A remote URL holding a credential (`user:token@`, `?access_token=`) is refused: it
+would be committed in `.dvc/config` and pass through dvc's command line.
 
 This module imports only the standard library (plus `utilities.manifest` and `utilities.storage`,
 themselves stdlib at import) so dvc_pull.sh can use `load_manifest` / `summary_lines` with any python3.
@@ -31,7 +32,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from utilities.errors import JobError
+from utilities.errors import JobError, redact_url
 from utilities.manifest import Manifest, ManifestError, read_file, summary_lines
 from utilities.manifest import parse as parse_manifest
 
@@ -40,7 +41,6 @@ MANIFEST_NAME = "versioned_paths.pickle"
 REMOTE_NAME = "storage"
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 GIT_IDENTITY = ("DermAID data registry", "registry@dermaid.invalid")
-_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 _ERROR_LINE_RE = re.compile(r"^(fatal|error|ERROR):")
 # gcsfs warns on every anonymous/emulator request; DVC ends every error with a support link.
 _NOISE = ("Could not determine bucket type", "Having any troubles?")
@@ -81,6 +81,11 @@ def validate_tag(tag: str) -> None:
 def publish(registry: Path, manifest: Path | str, tag: str, remote: str | None = None) -> str:
     """Commit `manifest` as `Versioning/versioned_paths.pickle`, push it to the remote, tag; returns the sha."""
     validate_tag(tag)
+    if remote is not None and redact_url(remote) != remote:
+        raise RegistryError(
+            f"--remote {redact_url(remote)} holds a credential, which would be committed in .dvc/config: give the "
+            f"URL without it and set it with `dvc remote modify --local {REMOTE_NAME} ...` in the registry"
+        )
     registry = Path(registry).resolve()
     with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
         staged = _fetch_manifest(manifest, Path(tmp))
@@ -217,7 +222,7 @@ def meaningful_line(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not ln.startswith(_NOISE)]
     flagged = [ln for ln in lines if _ERROR_LINE_RE.match(ln)]
     line = (flagged or lines or ["no output"])[0 if flagged else -1]
-    return _USERINFO_RE.sub("***@", line)[:300]
+    return redact_url(line)[:300]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ The container gets the image's six positional arguments (GCP_PROJECT GCS_BUCKET_
 WANDB_API_KEY DVC_TAG NUM_GPU) with both secrets as "-": a job spec is readable by anyone who can
 list jobs, so it holds only Secret Manager resource *names* (env GIT_LOGIN_SECRET /
 WANDB_API_KEY_SECRET); run-commands.sh reads the values at start-up with the job's service account,
-which needs roles/secretmanager.secretAccessor on them.
+which needs roles/secretmanager.secretAccessor on them. Nothing that looks like a credential may enter
+the spec: a --dvc-repo with `user:token@` or a `?access_token=` (token, key, password, sig, …) query, or an
+argument after -- holding such a URL, is refused.
 
 `--dry-run` prints the job spec as JSON: no API call, no credentials, no aiplatform import.
 With --replica-count N > 1 the job has a chief pool and a pool of N-1 workers; Vertex AI sets
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from utilities.errors import JobError
+from utilities.errors import JobError, redact_url
 
 DEFAULT_MACHINE_TYPE = "n1-standard-8"
 DEFAULT_ACCELERATOR = "NVIDIA_TESLA_T4"
@@ -42,6 +44,7 @@ _MACHINE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)+$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _SECRET_REF = re.compile(r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}(/versions/[A-Za-z0-9_-]+)?$")
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]")
+DVC_REPO_FROM_ENV = "$DVC_REPO"  # --dvc-repo's default, read when used: --help never shows the variable's value
 
 
 class SpecError(JobError, ValueError):
@@ -70,7 +73,8 @@ def secret_version(project: str, secret: str) -> str:
 
 
 def _check_repo_url(url: str) -> None:
-    """The spec is readable by anyone who can list jobs: no `user:token@` and no `token@` in the repo URL.
+    """The spec is readable by anyone who can list jobs: no `user:token@`, no `token@` and no credential-like
+    query or fragment parameter (`?access_token=…`, `token`, `key`, `password`, `sig`, …) in the repo URL.
 
     Over HTTPS any userinfo is a credential (a bare token is the username part); only `ssh://git@host`
     (a user name, the key stays on the machine) may name a user. The message never repeats the URL.
@@ -85,6 +89,12 @@ def _check_repo_url(url: str) -> None:
         (user is None and password is None) or ssh_user_only,
         "--dvc-repo must not embed credentials (user:token@ or token@); store them in Secret Manager "
         "and pass its name with --git-login-secret",
+    )
+    params = f"q://h/?{parts.query}&{parts.fragment}"
+    _check(
+        redact_url(params) == params,
+        "--dvc-repo must not carry a token in its query (access_token=, token=, key=, ...); store user:token in "
+        "Secret Manager and pass its name with --git-login-secret",
     )
 
 
@@ -118,6 +128,11 @@ def build_job_spec(
     )
     _check(bool(dvc_repo), "--dvc-repo (or $DVC_REPO) is required: the data registry's git URL")
     _check_repo_url(dvc_repo)
+    _check(
+        all(redact_url(arg) == arg for arg in extra_args),
+        "an argument after -- holds a credential in a URL (user:token@ or ?token=); the job spec is readable "
+        "by anyone who can list jobs: use a Secret Manager secret",
+    )
     _check(bool(_MACHINE.match(machine_type)), f"--machine-type {machine_type!r} is not a machine type")
     _check(accelerator_count >= 0, "--accelerator-count must be >= 0")
     _check(replica_count >= 1, "--replica-count must be at least 1")
@@ -221,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bucket", required=True, help="GCS bucket: models in gs://B/models, Vertex outputs in gs://B/vertex"
     )
     data.add_argument("--dvc-tag", required=True, help="dataset version tag in the data registry")
-    data.add_argument(
-        "--dvc-repo", default=os.environ.get("DVC_REPO"), help="data registry git URL (default: $DVC_REPO)"
-    )
+    data.add_argument("--dvc-repo", default=DVC_REPO_FROM_ENV, help="data registry git URL, without credentials")
     data.add_argument(
         "--git-login-secret", default=None, help="Secret Manager secret holding user:token for the registry"
     )
@@ -254,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image=args.image,
             bucket=args.bucket,
             dvc_tag=args.dvc_tag,
-            dvc_repo=args.dvc_repo or "",
+            dvc_repo=os.environ.get("DVC_REPO", "") if args.dvc_repo == DVC_REPO_FROM_ENV else args.dvc_repo,
             display_name=display_name,
             machine_type=args.machine_type,
             accelerator_type=accelerator,
@@ -274,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = submit(spec)
     except Exception as exc:  # credentials, permissions, quota: one line, not a traceback
-        detail = (str(exc).splitlines() or [""])[0]
+        detail = redact_url((str(exc).splitlines() or [""])[0])
         print(f"vertex_submit: error: submitting the job failed: {type(exc).__name__}: {detail}", file=sys.stderr)
         return 1
     print(job.resource_name)

@@ -9,9 +9,27 @@
 catch ValueError or RuntimeError still do. `exit_code` 2: the input was wrong (flags, data, manifest,
 credentials, devices) and nothing ran that a fix must redo; 1: the run failed on the way (a NaN loss,
 a compression step).
+
+Credentials never reach a message, a log or a record: `redact_url` scrubs every URL in a text first.
+
+    redact_url("fetch https://user:TOKEN@host/r.git?access_token=T2&ref=main failed")
+    # 'fetch https://***@host/r.git?access_token=***&ref=main failed'
 """
 
 from __future__ import annotations
+
+import re
+
+REDACTED = "***"
+# A URL inside any text: a scheme, "://", then up to whitespace or a quote (JSON, shell, Markdown).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>`]+")
+# Its user info: everything before the last "@" of the authority (a password may hold an unescaped "@").
+_USERINFO = re.compile(r"^([^:]+://)[^/?#]*@")
+# Query (or ;-parameter) values whose name says credential: access_token, private_token, key, api_key,
+# password, passwd, pwd, secret, sig, X-Goog-Signature, X-Amz-Credential, X-Amz-Security-Token, auth, …
+_CREDENTIAL_PARAM = re.compile(
+    r"([?&;][^=&;#]*(?:token|key|secret|pass|pwd|sig|credential|auth)[^=&;#]*=)[^&;#]*", re.IGNORECASE
+)
 
 
 class JobError(Exception):
@@ -31,9 +49,20 @@ class RunFailure(JobError):
 
 def one_line(value: object, limit: int = 300) -> str:
     """An exception's first message line (its type name if it has none), or any text with whitespace
-    runs collapsed; cut to `limit` characters."""
+    runs collapsed and URLs redacted (`redact_url`); cut to `limit` characters."""
     if isinstance(value, BaseException):
         text = str(value).strip()
         value = text.splitlines()[0] if text else type(value).__name__
-    line = " ".join(str(value).split())
+    line = redact_url(" ".join(str(value).split()))
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def redact_url(text: str) -> str:
+    """`text` with every URL's user info (`user:password@`, `token@`) and credential-like query values
+    replaced by `***`; everything else, and any text that holds no URL, unchanged."""
+    return _URL.sub(_redact_one, text)
+
+
+def _redact_one(match: re.Match[str]) -> str:
+    url = _USERINFO.sub(rf"\1{REDACTED}@", match.group(0), count=1)
+    return _CREDENTIAL_PARAM.sub(rf"\1{REDACTED}", url)

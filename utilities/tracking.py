@@ -27,13 +27,12 @@ from typing import Any
 import tf_keras
 
 from utilities.config import TrackingConfig
-from utilities.errors import one_line
+from utilities.errors import one_line, redact_url
 
 logger = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
 _SECRET_KEY = re.compile(r"token|key|secret|password|passwd|credential", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)  # https://user:pw@host
 _ARTIFACT_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 OFFLINE_FLUSH_TIMEOUT_S = 30.0  # seconds to wait for wandb-core to write the end of an offline run
 DATASET_ARTIFACT = "dermaid-dataset"  # one artifact collection; each data tag is an alias of a version
@@ -50,7 +49,7 @@ def sanitize(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [sanitize(v) for v in value]
     if isinstance(value, str):
-        return _URL_USERINFO.sub(r"\g<scheme>", value)
+        return redact_url(value)
     return value
 
 
