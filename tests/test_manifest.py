@@ -113,26 +113,41 @@ _schema = st.fixed_dictionaries(
 )
 _per_split = st.one_of(_count, st.dictionaries(st.sampled_from(CLASS_NAMES), _count))
 _counts = st.fixed_dictionaries({}, optional={**dict.fromkeys(SPLITS, _per_split), "skipped_unk": _count})
-_sha256 = st.dictionaries(_uri, st.binary(min_size=1, max_size=8).map(lambda b: hashlib.sha256(b).hexdigest()))
+# One digest per shard (URIs that name one shard, `./a` and `a`, get the same): as a writer's would be.
+_sha256 = st.lists(_uri, max_size=8).map(
+    lambda uris: {u: hashlib.sha256(mf.shard_key(u).encode()).hexdigest() for u in uris}
+)
 _created = st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat(timespec="seconds"))
 _images = st.fixed_dictionaries({}, optional=dict.fromkeys(SPLITS, st.lists(_names, max_size=20)))
 _unknown_key = _names.filter(lambda k: k not in mf._KNOWN_KEYS)
-MANIFESTS = st.fixed_dictionaries(
-    {
-        "train": st.lists(_uri, min_size=1, max_size=6),
-        "val": st.lists(_uri, max_size=4),
-        "test": st.lists(_uri, max_size=4),
-    },
-    optional={
-        "schema": _schema,
-        "counts": _counts,
-        "sha256": _sha256,
-        "created": _created,
-        "images": _images,
-        "source": st.dictionaries(_names, _scalar, max_size=8),
-        "note": _scalar,  # a scalar key this reader does not know: carried along
-    },
-).flatmap(lambda m: st.dictionaries(_unknown_key, _scalar, max_size=3).map(lambda extra: {**extra, **m}))
+
+
+def _each_shard_once(content: dict[str, Any]) -> bool:
+    """No shard (by `shard_key`, or by sha256) in two places: what the loader refuses (its own tests below)."""
+    keys = [mf.shard_key(u) for s in SPLITS for u in content[s]]
+    return len(set(keys)) == len(keys)
+
+
+MANIFESTS = (
+    st.fixed_dictionaries(
+        {
+            "train": st.lists(_uri, min_size=1, max_size=6),
+            "val": st.lists(_uri, max_size=4),
+            "test": st.lists(_uri, max_size=4),
+        },
+        optional={
+            "schema": _schema,
+            "counts": _counts,
+            "sha256": _sha256,
+            "created": _created,
+            "images": _images,
+            "source": st.dictionaries(_names, _scalar, max_size=8),
+            "note": _scalar,  # a scalar key this reader does not know: carried along
+        },
+    )
+    .filter(_each_shard_once)
+    .flatmap(lambda m: st.dictionaries(_unknown_key, _scalar, max_size=3).map(lambda extra: {**extra, **m}))
+)
 PROTOCOLS = st.integers(0, pickle.HIGHEST_PROTOCOL)
 
 
@@ -303,8 +318,8 @@ def test_crafted_pickles_hit_their_cap(data: bytes, message: str) -> None:
 
 def test_astral_text_at_the_caps_stays_within_memory() -> None:
     """The costliest text: 4 Mi characters, one 4-byte character per string forcing 4 bytes a character."""
-    text = ("\U0001f600" + "a" * (mf.MAX_STRING - 1)).encode()
-    items = b"".join(b"X" + len(text).to_bytes(4, "little") + text for _ in range(mf.MAX_TEXT // mf.MAX_STRING - 4))
+    texts = (f"\U0001f600{i:04d}".ljust(mf.MAX_STRING, "a").encode() for i in range(mf.MAX_TEXT // mf.MAX_STRING - 4))
+    items = b"".join(b"X" + len(text).to_bytes(4, "little") + text for text in texts)  # distinct: one shard each
     data = SPLITS_PICKLE + TRAIN + b"](" + items + b"es."
     assert len(data) < mf.MAX_BYTES
     assert isinstance(load(data), mf.Manifest)  # 1,020 local paths of 4,096 characters: odd but valid

@@ -66,8 +66,7 @@ def load_manifest(path: str | Path) -> Manifest:
     """Load and validate `versioned_paths.pickle` (local path or gs:// URI); accepts the original three-key form."""
     name = str(path)
     try:
-        # Local: refused past the loader's size cap before reading (`--manifest /dev/zero` must not hang).
-        data = storage.read_bytes(name) if storage.is_gcs(name) else manifest_format.read_file(name)
+        data = _read_manifest(name)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise DataError(
             f"manifest {name} not found; fetch it with `sh dvc_pull.sh -t TAG` (or pass --manifest PATH)"
@@ -82,6 +81,18 @@ def load_manifest(path: str | Path) -> Manifest:
         raise DataError(str(err)) from None
     _check_metadata_columns(manifest)
     return manifest
+
+
+def _read_manifest(name: str) -> bytes:
+    """The manifest's bytes, refused past the loader's size cap before reading: a local `--manifest
+    /dev/zero` must not hang, and a gs:// one is sized from its metadata, never downloaded."""
+    if not storage.is_gcs(name):
+        return manifest_format.read_file(name)
+    try:
+        return storage.read_bytes(name, max_bytes=manifest_format.MAX_BYTES)
+    except storage.TooLarge as err:
+        manifest_format.check_size(err.size, name)  # raises the local file's refusal, word for word
+        raise
 
 
 def _check_metadata_columns(manifest: Manifest) -> None:
@@ -101,18 +112,32 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
     local: dict[str, list[str]] = {}
     fetched = cached = 0
     progress = Progress(sum(len(uris) for uris in manifest.splits.values()), "fetch and check", "shard")
+    files: dict[tuple[int, int], str] = {}  # (device, inode) → "split[i] URI": one file under two names
     for split, uris in manifest.splits.items():
         local[split] = []
-        for uri in uris:
-            path, downloaded = shard_files.fetch(uri, manifest.sha256.get(uri), split, cache)
+        for index, uri in enumerate(uris):
+            path, downloaded = shard_files.fetch(uri, manifest.sha256_of(uri), split, cache)
             if downloaded is not None:
                 fetched, cached = fetched + downloaded, cached + (not downloaded)
+            _check_one_listing(files, path, f"{split}[{index}] {uri}", manifest.path)
             local[split].append(str(path))
             progress.advance()
     progress.done()
     if fetched or cached:
         log.info("remote shards: %d downloaded, %d found in the cache %s", fetched, cached, cache)
     return local
+
+
+def _check_one_listing(files: dict[tuple[int, int], str], path: Path, where: str, manifest: str) -> None:
+    """The manifest refused two URIs of one shard (`manifest.shard_key`); a symbolic or hard link still
+    names one file twice, and only the file system can tell."""
+    stat = path.stat()
+    first = files.setdefault((stat.st_dev, stat.st_ino), where)
+    if first != where:
+        raise DataError(
+            f"manifest {manifest}: {where} is the same file as {first} (a link); each shard must be listed once, "
+            "in one split"
+        )
 
 
 # ---------------------------------------------------------------- pipeline
@@ -280,13 +305,16 @@ def build_datasets(
 ) -> Datasets:
     """Train/val/test pipelines from local shard paths (see `fetch_shards`), plus counts and class weights.
 
-    Reads every shard's labels once (labels only) to count examples; touches nothing else. The train
+    Reads every shard's labels and metadata once (no images) to count examples and to refuse, before any
+    batch, the first record whose label is not one-hot or whose metadata is not 0/1, naming its shard and
+    index (`records.count_labels`, `records.read_identities`); touches nothing else. The train
     shuffle buffer holds `shuffle_buffer` records, or fewer when that many would hold more than
     `shuffle_memory_mb` of serialized records (None: no memory bound); see `shuffle_records`.
     """
     _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
-    evaluated = build_eval_data(shards, image_size, global_batch_size)
+    # The label passes check every record of every split (`records.count_labels`); train's first.
     class_counts = {"train": tuple(int(c) for c in count_labels(list(shards["train"])))}
+    evaluated = build_eval_data(shards, image_size, global_batch_size)
     class_counts |= {split: who.class_counts for split, who in evaluated.identities.items()}
     counts = {split: sum(c) for split, c in class_counts.items()}
     steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}

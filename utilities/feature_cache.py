@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities import data
+from utilities import data, records
 from utilities.config import Config
 from utilities.errors import JobError
 from utilities.progress import Progress
@@ -135,9 +135,12 @@ def _view(dataset: tf.data.Dataset, view: int, seed: int, augmentation: data.Aug
 def _extract(extract, dataset: tf.data.Dataset, what: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     steps = int(dataset.cardinality())
     progress = Progress(steps if steps > 0 else None, what, "batch")
-    for features, labels in dataset:
-        yield extract(features["image"]).numpy().astype(np.float32), features["metadata"].numpy(), labels.numpy()
-        progress.advance()
+    try:
+        for features, labels in dataset:
+            yield extract(features["image"]).numpy().astype(np.float32), features["metadata"].numpy(), labels.numpy()
+            progress.advance()
+    except tf.errors.InvalidArgumentError as err:  # a record that changed after the label pass checked it
+        raise records.unchecked_record(err) or err from None
     progress.done()
 
 

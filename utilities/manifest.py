@@ -18,13 +18,17 @@ listed) is 0.39 MB; 4 MiB leaves 10× room.
 Then every key is checked against its exact shape (`_check_*` below). Keys this reader does not
 know are accepted only when they hold a string, number, boolean or None, so a newer writer can add a
 scalar (a version, a note) that older readers carry along; a structured key needs a reader that
-knows its shape. Every refusal is one `ManifestError` line naming the manifest.
+knows its shape. Each shard is in one split, once (`_check_overlap`): compared by the shard its URI
+names (`shard_key`: `./a/../b` is `b`, `file:///x/` is `/x`) and, where `sha256` gives it, by content.
+Every refusal is one `ManifestError` line naming the manifest.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import os
+import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,12 +64,18 @@ class Manifest:
     raw: dict[str, Any]  # everything that was in the pickle
     digest: str = ""  # hex sha256 of the bytes that were parsed (lineage: never re-read from `path`)
 
+    def sha256_of(self, uri: str) -> str | None:
+        """The manifest's digest of shard `uri`, its key matched by the shard it names (`shard_key`), or None."""
+        if uri in self.sha256:
+            return self.sha256[uri]
+        return next((d for u, d in self.sha256.items() if shard_key(u) == shard_key(uri)), None)
+
 
 def read_file(path: str | Path) -> bytes:
     """The bytes of a local manifest, refused before reading when the file is over MAX_BYTES."""
     with open(path, "rb") as fh:
         data = fh.read(MAX_BYTES + 1)
-    _check_size(data, str(path))
+    check_size(len(data), str(path))
     return data
 
 
@@ -81,10 +91,25 @@ def parse(data: bytes, name: str) -> Manifest:
     schema = _check_fields(raw.get("schema"), "schema", name, "a dict", _SCHEMA_FIELDS)
     counts = _check_fields(raw.get("counts"), "counts", name, "a dict of per-split image counts", _COUNT_FIELDS)
     sha = _check_sha256(raw.get("sha256"), name)
+    _check_overlap(splits, sha, name)
     _check_created(raw.get("created"), name)
     _check_images(raw.get("images"), name)
     _check_source(raw.get("source"), name)
     return Manifest(name, splits, schema, counts, sha, raw, hashlib.sha256(data).hexdigest())
+
+
+def shard_key(uri: str) -> str:
+    """The shard a URI names, for telling two URIs of one shard apart from two shards (no file system access).
+
+    gs://bucket/key: the key's `.`, `..`, repeated and trailing slashes collapsed. A local path or file://
+    URI: made absolute (against the working directory, where `utilities.shards` opens it) and collapsed
+    the same way. Symbolic and hard links name one file under two keys: `utilities.data.fetch_shards`
+    compares the files themselves.
+    """
+    if uri.startswith("gs://"):
+        bucket, _, key = uri[len("gs://") :].partition("/")
+        return f"gs://{bucket}/{posixpath.normpath(key).lstrip('/')}"
+    return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
@@ -101,8 +126,9 @@ def summary_lines(manifest: Manifest) -> list[str]:
 # ---------------------------------------------------------------- the bytes
 
 
-def _check_size(data: bytes, name: str) -> None:
-    if len(data) > MAX_BYTES:
+def check_size(size: int, name: str) -> None:
+    """Refuse a manifest of `size` bytes over MAX_BYTES (before reading or unpickling it)."""
+    if size > MAX_BYTES:
         raise ManifestError(
             f"manifest {name} is over {MAX_BYTES // 2**20} MiB; a manifest lists shard URIs and is KBs "
             "(ISIC 2019's is ~0.5 MB): refusing to unpickle it"
@@ -110,7 +136,7 @@ def _check_size(data: bytes, name: str) -> None:
 
 
 def _unpickle(data: bytes, name: str) -> dict[str, Any]:
-    _check_size(data, name)
+    check_size(len(data), name)
     try:
         return manifest_pickle.loads(data)
     except manifest_pickle.PickleRefused as err:
@@ -238,11 +264,52 @@ def _check_sha256(sha: object, name: str) -> dict[str, str]:
     if sha is None:
         return {}
     sha = _check_dict(sha, "sha256", name, "a dict of shard URI → hex digest")
+    by_shard: dict[str, tuple[str, str]] = {}  # shard_key → (URI, digest)
     for uri, digest in sha.items():
         _check_uri(uri, "sha256 key", name)
         if not (type(digest) is str and _SHA256.fullmatch(digest)):
             raise _fail(name, f"sha256 entry {_shown(uri)} is not a 64-digit lowercase hex digest")
+        other, known = by_shard.setdefault(shard_key(uri), (uri, digest))
+        if known != digest:
+            raise _fail(name, f"sha256 gives {_shown(other)} and {_shown(uri)}, one shard, two different digests")
     return dict(sha)
+
+
+def _check_overlap(splits: dict[str, tuple[str, ...]], sha: dict[str, str], name: str) -> None:
+    """Each shard in one split, once: by the shard its URI names (`shard_key`) and, where the manifest
+    gives its sha256, by its bytes. A shard listed twice counts twice; one in train and in val or test
+    scores the model on its own training data (and the run would exit 0)."""
+    digests = {shard_key(uri): digest for uri, digest in sha.items()}
+    by_shard: dict[str, tuple[str, str]] = {}  # shard_key or sha256 → (where, URI) of its first listing
+    for split in SPLITS:
+        for index, uri in enumerate(splits[split]):
+            here = (f"{split}[{index}]", uri)
+            key = shard_key(uri)
+            digest = digests.get(key)
+            for seen, how in (
+                (key, "is the same shard as"),
+                (digest, f"has the same sha256 {(digest or '')[:12]}… as"),
+            ):
+                if seen is not None and seen in by_shard:
+                    raise _overlap(name, by_shard[seen], here, how)
+            by_shard[key] = here
+            if digest is not None:
+                by_shard[digest] = here
+
+
+def _overlap(name: str, first: tuple[str, str], then: tuple[str, str], how: str) -> ManifestError:
+    (first_at, first_uri), (then_at, then_uri) = first, then
+    split, other = first_at.partition("[")[0], then_at.partition("[")[0]
+    if split == other:
+        why, fix = f"listed twice, its records would count twice in {split}", "list each shard once"
+    elif "train" in (split, other):
+        why, fix = (
+            f"in {split} and {other}, the model would be scored on its own training data",
+            "keep a shard in one split",
+        )
+    else:
+        why, fix = f"in {split} and {other}, both would score the same images", "keep a shard in one split"
+    return _fail(name, f"{then_at} {_shown(then_uri)} {how} {first_at} {_shown(first_uri)} ({why}); {fix}")
 
 
 def _check_created(created: object, name: str) -> None:
@@ -288,8 +355,10 @@ __all__ = [
     "MAX_TEXT",
     "Manifest",
     "ManifestError",
+    "check_size",
     "one_line",
     "parse",
     "read_file",
+    "shard_key",
     "summary_lines",
 ]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
-from utilities.errors import JobError, one_line
+from utilities.errors import JobError, one_line, redact_url
 
 if TYPE_CHECKING:  # google-cloud-storage costs ~0.5 s to import; local-only users never pay it
     from google.cloud.storage import Blob, Client
@@ -46,7 +46,6 @@ T = TypeVar("T")
 GCS_SCHEME = "gs://"
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
-_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")  # user:token@ in a URL
 _TMP_MARK = ".tmp-"  # in the names of our in-flight temp files; list_uris skips them
 _CHUNK = 1 << 20  # bytes read per step when hashing files
 
@@ -100,9 +99,9 @@ def join(uri: str, *parts: str) -> str:
 def _split_gcs(uri: str, *, need_key: bool = True) -> tuple[str, str]:
     bucket, _, key = uri[len(GCS_SCHEME) :].partition("/")
     if not _BUCKET_RE.fullmatch(bucket):
-        raise StorageError(f"{_redact(uri)} is not a valid gs:// URI: bad bucket name {bucket!r}")
+        raise StorageError(f"{redact_url(uri)} is not a valid gs:// URI: bad bucket name {bucket!r}")
     if need_key and not key:
-        raise StorageError(f"{_redact(uri)} names a bucket, not an object")
+        raise StorageError(f"{redact_url(uri)} names a bucket, not an object")
     return bucket, key
 
 
@@ -111,12 +110,8 @@ def _local_path(uri: str | os.PathLike[str]) -> Path:
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:
-        raise StorageError(f"unsupported URI {_redact(text)}: use gs://bucket/path or a local path")
+        raise StorageError(f"unsupported URI {redact_url(text)}: use gs://bucket/path or a local path")
     return Path(text)
-
-
-def _redact(text: str) -> str:
-    return _USERINFO_RE.sub("***@", text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,10 +119,28 @@ def _redact(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_bytes(uri: str, *, retry: RetryPolicy | None = None) -> bytes:
+class TooLarge(StorageError):
+    """`read_bytes(..., max_bytes=N)` of an object or file over N bytes."""
+
+    def __init__(self, uri: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"cannot read {redact_url(uri)}: {size:,} bytes, over the {max_bytes:,} allowed")
+        self.size, self.max_bytes = size, max_bytes
+
+
+def read_bytes(uri: str, *, retry: RetryPolicy | None = None, max_bytes: int | None = None) -> bytes:
+    """With `max_bytes`, anything larger is refused (`TooLarge`) unread: a gs:// object by its metadata's
+    size (the download then asks for that generation: a bigger one put in between is never read), a
+    local file after max_bytes + 1 bytes."""
     if not is_gcs(uri):
-        return _local_io("read", uri, lambda: _local_path(uri).read_bytes())
+        data = _local_io("read", uri, lambda: _read_at_most(_local_path(uri), max_bytes))
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(uri, _local_path(uri).stat().st_size, max_bytes)
+        return data
     blob = _blob(uri)
+    if max_bytes is not None:
+        _gcs_call("read metadata of", uri, lambda: blob.reload(retry=None), retry)  # sets blob.generation
+        if (blob.size or 0) > max_bytes:
+            raise TooLarge(uri, blob.size, max_bytes)
     # checksum="crc32c": the client compares the bytes with the x-goog-hash header it receives.
     return _gcs_call("read", uri, lambda: blob.download_as_bytes(checksum="crc32c", retry=None), retry)
 
@@ -270,6 +283,11 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _read_at_most(path: Path, limit: int | None) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read() if limit is None else fh.read(limit + 1)
 
 
 def _copy_local(source: Path, target: Path) -> None:
