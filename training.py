@@ -3,7 +3,7 @@
     python -c "import cli; cli.main(['--manifest', 'Versioning/versioned_paths.pickle', '--weights', 'none'])"
     python training.py -b 32 -p True      # the original's command line: runs cli.py's main, same flags and exit codes
 
-Reads like the run: devices → run folder → data → tracking → model → fit (resuming from the
+Reads like the run: devices → manifest → run folder (leased) → data → tracking → model → fit (resuming from the
 backup when the run id was used before) → evaluate → compression variants → outputs, with
 `run.json` written last so a run folder that has it is complete.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities import data, distribution, feature_cache, report, storage, tracking, variant_eval
+from utilities import data, distribution, feature_cache, records, report, storage, tracking, variant_eval
 from utilities.calibration import calibrate
 from utilities.callbacks import (
     BACKUP_SECONDS,
@@ -85,35 +85,39 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
     started = now()
     cluster = distribution.parse_cluster(config.cluster.tf_config)
     strategy = set_up_devices(config, several_workers=cluster.num_workers > 1)
-    folder = open_run_folder(config, is_chief=cluster.is_chief)
-    log.info("run %s → %s", config.output.run_id, folder.uri)
-    manifest, datasets = load_data(config)
-    record = RunRecord.start(config, manifest, distribution.device_summary(strategy), started)
-    tracker = tracking.start_tracking(
-        config.tracking,
-        run_name=config.output.model_name,
-        run_id=config.output.run_id,
-        config_dict={"config": record.config, "data": dataclasses.asdict(record.data)},
-        is_chief=cluster.is_chief,
-    )
-    result = RunResult(uri=folder.uri, local_dir=folder.local, record=record)
-    try:
-        model = train(config, datasets, folder, tracker, strategy, watch, record)
-        if cluster.is_chief:
-            result.variants = evaluate_variants(config, model, datasets, folder, strategy, tracker, cluster)
-            for line in report.collapse_warnings(result.metrics):
-                log.warning(line)
-        record.finished = now()
-        if folder.publish:
-            publish(config, folder, result, tracker, datasets)
-        tracker.finish(0)
-    except BaseException:
-        tracker.finish(1)
-        raise
-    finally:
-        if not folder.publish:  # a non-chief worker's copy of the outputs
-            shutil.rmtree(folder.local, ignore_errors=True)
-    distribution.wait_for_workers(strategy)  # other workers exit only once the chief has published
+    manifest = data.load_manifest(config.data.manifest)  # a refused manifest leaves no run folder behind
+    if config.compression.enabled:  # a refused --teacher too, in seconds (not after the shards are fetched)
+        compression_module().check_inputs(config)
+    # Leased until the end: the same --run-id started twice is refused; a run refused before writing leaves nothing.
+    with open_run_folder(config, is_chief=cluster.is_chief) as folder:
+        log.info("run %s → %s", config.output.run_id, folder.uri)
+        datasets = load_data(config, manifest)
+        record = RunRecord.start(config, manifest, distribution.device_summary(strategy), started)
+        tracker = tracking.start_tracking(
+            config.tracking,
+            run_name=config.output.model_name,
+            run_id=config.output.run_id,
+            config_dict={"config": record.config, "data": dataclasses.asdict(record.data)},
+            is_chief=cluster.is_chief,
+        )
+        result = RunResult(uri=folder.uri, local_dir=folder.local, record=record)
+        try:
+            model = train(config, datasets, folder, tracker, strategy, watch, record)
+            if cluster.is_chief:
+                result.variants = evaluate_variants(config, model, datasets, folder, strategy, tracker, cluster)
+                for line in report.collapse_warnings(result.metrics):
+                    log.warning(line)
+            record.finished = now()
+            if folder.publish:
+                publish(config, folder, result, tracker, datasets)
+            tracker.finish(0)
+        except BaseException:
+            tracker.finish(1)
+            raise
+        finally:
+            if not folder.publish:  # a non-chief worker's copy of the outputs
+                shutil.rmtree(folder.local, ignore_errors=True)
+        distribution.wait_for_workers(strategy)  # other workers exit only once the chief has published
     return result
 
 
@@ -126,9 +130,8 @@ def set_up_devices(config: Config, several_workers: bool) -> tf.distribute.Strat
     return strategy
 
 
-def load_data(config: Config) -> tuple[Any, data.Datasets]:
-    """The manifest and the datasets it names (shards fetched and verified); compression inputs checked."""
-    manifest = data.load_manifest(config.data.manifest)
+def load_data(config: Config, manifest) -> data.Datasets:
+    """The datasets `manifest` names (shards fetched and verified); compression inputs checked."""
     shards = data.fetch_shards(manifest, config.data.cache_dir)
     datasets = data.build_datasets(
         shards,
@@ -140,11 +143,16 @@ def load_data(config: Config) -> tuple[Any, data.Datasets]:
         shuffle_memory_mb=config.data.shuffle_memory,
     )
     log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
-    if config.compression.enabled:
-        from utilities import compression  # tfmot is imported only when compressing
+    if config.compression.enabled:  # the teacher was checked before the run folder was opened
+        compression_module().check_inputs(config, train_examples=datasets.counts["train"], load_teacher_model=False)
+    return datasets
 
-        compression.check_inputs(config, train_examples=datasets.counts["train"])
-    return manifest, datasets
+
+def compression_module():
+    """utilities.compression, imported only when compressing (it imports tensorflow-model-optimization)."""
+    from utilities import compression
+
+    return compression
 
 
 def train(config: Config, datasets, folder: RunFolder, tracker, strategy, watch, record: RunRecord) -> tf_keras.Model:
@@ -206,8 +214,7 @@ def evaluate_variants(config: Config, model, datasets, folder: RunFolder, strate
         if config.evaluation.calibrate:
             calibrate(evaluated, reference, folder.path("model"), datasets.identities, resamples)
         return {"model": reference}
-    from utilities import compression
-
+    compression = compression_module()
     # Several workers: the chief compresses alone, on that reloaded copy under the default
     # strategy (no collective needs a peer), while the others wait at the end barrier.
     compress_strategy = strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
@@ -267,15 +274,20 @@ def fit(
         log.info("training the head on cached backbone features (%d view(s))", cached.views)
     # SIGTERM inside fit: finish the step, save, then stop (several workers: at once; their save is collective).
     with watch.deferred() if not several_workers else contextlib.nullcontext():
-        trainee.fit(
-            train_data,
-            validation_data=val_data,
-            steps_per_epoch=steps,
-            epochs=config.train.epochs,
-            class_weight=datasets.class_weights,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        try:
+            trainee.fit(
+                train_data,
+                validation_data=val_data,
+                steps_per_epoch=steps,
+                epochs=config.train.epochs,
+                class_weight=datasets.class_weights,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except tf.errors.InvalidArgumentError as err:  # a shard changed after build_datasets checked it
+            if (bad := records.unchecked_record(err)) is None:
+                raise
+            raise bad from None
     return epoch, step
 
 
@@ -286,6 +298,7 @@ def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datas
     """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export;
     then run.json and latest.json."""
     metrics, record = result.metrics, result.record
+    folder.check_lease()  # a run whose folder another process took over publishes nothing
     write_json(folder.path("metrics.json"), metrics)
     write_predictions(folder.path("predictions"), result.variants, datasets.identities)
     names = datasets.identities["test"].names
@@ -304,6 +317,7 @@ def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datas
     if config.output.model_dir:  # Vertex AI's model registry serves SavedModels
         storage.upload_tree(folder.path("model"), config.output.model_dir)
     # run.json is the completion marker: written (and uploaded) after everything else.
+    folder.check_lease()
     write_json(folder.path("run.json"), record.to_json())
     publish_files(folder)
     point_latest_at(config, record)

@@ -1,14 +1,16 @@
 """A run's folder and its record: where a run writes, what `run.json` says about it, and `latest.json`.
 
-folder = open_run_folder(config, is_chief=True)       # refuses a run that is already complete
-record = RunRecord.start(config, manifest, devices, now())  # lineage, filled in as the run goes
-record.training = TrainingRecord(epochs_run=3)
-write_json(folder.path("run.json"), record.to_json())  # last: run.json marks a complete run
-point_latest_at(config, record)
+with open_run_folder(config, is_chief=True) as folder:  # leased; refuses a complete run or one in use
+    record = RunRecord.start(config, manifest, devices, now())  # lineage, filled in as the run goes
+    record.training = TrainingRecord(epochs_run=3)
+    folder.check_lease()                                   # LeaseLost if another process took the folder over
+    write_json(folder.path("run.json"), record.to_json())  # last: run.json marks a complete run
+    point_latest_at(config, record)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -21,7 +23,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from utilities import storage
+from utilities import lease, storage
 from utilities.config import Config
 from utilities.errors import JobError
 
@@ -43,12 +45,16 @@ class RunFolder:
 
     Local output: written in place. gs:// output: staged locally, uploaded at the end.
     Non-chief workers of a multi-worker job write into a temporary folder that is never published.
+    Used as a context manager: at the end (normal or not) the chief's leases are released, and a folder
+    this run created is removed again if it is still empty (a run refused before it wrote anything).
     """
 
     local: Path
     uri: str
     publish: bool
     checkpoints: Path = field(init=False)
+    leases: list[lease.Lease] = field(default_factory=list)  # the chief's, on `uri` (and its local staging copy)
+    created: bool = False  # this run made `local`
 
     def __post_init__(self) -> None:
         self.checkpoints = self.local / "checkpoints"
@@ -56,14 +62,38 @@ class RunFolder:
     def path(self, *parts: str) -> Path:
         return self.local.joinpath(*parts)
 
+    def check_lease(self) -> None:
+        """LeaseLost (exit 1) when another process took this run folder over: then this run must not publish."""
+        for held in self.leases:
+            held.check()
+
+    def close(self, failed: bool) -> None:
+        for held in reversed(self.leases):
+            held.release()
+        self.leases = []
+        if failed and self.created:
+            with contextlib.suppress(OSError):  # not empty: there is something to keep (or another run's lease)
+                self.local.rmdir()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close(failed=kind is not None)
+
 
 def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
-    """Where this run writes; refuses to touch a run that is already complete.
+    """Where this run writes, leased to this process; refuses a run that is already complete, and a run
+    folder that another live process holds (the same --run-id and --output started twice).
 
-    A non-chief worker writes into a temporary folder that is never published, but shares the chief's
-    checkpoint folder: BackupAndRestore makes every worker restore from the chief's backup there
-    (a worker that restored nothing would start over, out of step with the chief), and writes its own
-    into a `workertemp_N` subfolder that it deletes again.
+    The chief holds a lease (utilities.lease) on the run folder, and on a gs:// run also on its local staging
+    copy (the backups a rerun resumes from), until the folder is closed. A lease left by a killed run is
+    taken over, so that a rerun resumes.
+
+    A non-chief worker takes no lease (the chief holds it for the job) and writes into a temporary folder
+    that is never published, but shares the chief's checkpoint folder: BackupAndRestore makes every worker
+    restore from the chief's backup there (a worker that restored nothing would start over, out of step with
+    the chief), and writes its own into a `workertemp_N` subfolder that it deletes again.
     """
     uri = config.output.run_uri
     local = Path(config.output.staging_dir) / config.output.model_name / config.output.run_id
@@ -71,10 +101,20 @@ def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
         local = Path(uri)
     if is_chief:
         storage.check_writable(config.output.output)
-        if storage.exists(storage.join(uri, "run.json")):
-            raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
-        local.mkdir(parents=True, exist_ok=True)
-        folder = RunFolder(local=local, uri=uri, publish=True)
+        _refuse_complete(uri)  # before the lease too: a complete run is never touched again
+        folder = RunFolder(local=local, uri=uri, publish=True, created=not local.exists())
+        advice = (
+            f"wait for it to end, then rerun the same command with --run-id {config.output.run_id} to resume it "
+            "(or pick another --run-id)"
+        )
+        try:
+            if storage.is_gcs(uri):
+                folder.leases.append(lease.acquire(uri, advice))
+            folder.leases.append(lease.acquire(local, advice))  # creates `local`
+            _refuse_complete(uri)  # it may have completed since the first check
+        except BaseException:
+            folder.close(failed=True)
+            raise
     else:
         folder = RunFolder(local=Path(tempfile.mkdtemp(prefix="dermaid-worker-")), uri=uri, publish=False)
         folder.checkpoints = local / "checkpoints"
@@ -83,6 +123,11 @@ def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
             Path(local_mount(config.output.checkpoint_dir)) / config.output.model_name / config.output.run_id
         )
     return folder
+
+
+def _refuse_complete(uri: str) -> None:
+    if storage.exists(storage.join(uri, "run.json")):
+        raise RunError(f"run {uri} is already complete; pick another --run-id (or omit it for a new run)")
 
 
 def local_mount(uri: str) -> str:
@@ -96,12 +141,12 @@ def local_mount(uri: str) -> str:
 
 
 def publish_files(folder: RunFolder) -> None:
-    """Upload a gs:// run's staged files (checkpoints stay local), `run.json` last: it marks completion."""
+    """Upload a gs:// run's staged files (checkpoints and the staging copy's lease stay local), `run.json` last:
+    it marks completion."""
     if not storage.is_gcs(folder.uri):
         return
-    files = [
-        p for p in folder.local.rglob("*") if p.is_file() and p.name != "run.json" and "checkpoints" not in p.parts
-    ]
+    kept = ("run.json", lease.LEASE_NAME)
+    files = [p for p in folder.local.rglob("*") if p.is_file() and p.name not in kept and "checkpoints" not in p.parts]
     for path in files:
         storage.upload_file(path, storage.join(folder.uri, path.relative_to(folder.local).as_posix()))
     storage.upload_file(folder.path("run.json"), storage.join(folder.uri, "run.json"))
@@ -231,10 +276,12 @@ def point_latest_at(config: Config, record: RunRecord) -> None:
 
 
 def write_json(path: Path, content: Any) -> None:
-    """Atomically: a reader never sees half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    """Atomically and durably: a temp file of its own beside `path`, fsync, os.replace (storage's local write).
+
+    A reader never sees half a file, two writers never share a temp file, and a failed write leaves the old
+    content and no temp file behind."""
+    data = json.dumps(content, indent=2, sort_keys=True, default=str).encode()
+    storage._atomic_write(path, lambda fh: fh.write(data))
 
 
 def now() -> str:
