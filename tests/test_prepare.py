@@ -107,10 +107,11 @@ def test_same_seed_same_shards_other_seed_other_split(demo_dir: Path, prepared: 
     assert other["images"]["test"] != prepared.manifest["images"]["test"]
 
 
-def _prepare_in_subprocess(demo_dir: Path, out: Path, hash_seed: str) -> dict[str, bytes]:
+def _prepare_in_subprocess(demo_dir: Path, out: Path, hash_seed: str, *extra: str) -> dict[str, bytes]:
     """Run `python -m tools.prepare` in a fresh interpreter; return every file it wrote, by relative path."""
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     argv = ["--input", str(demo_dir), "--out", str(out), "--image-size", "16", "--shard-size", "50", "--seed", "3"]
+    argv += extra
     result = subprocess.run(
         [sys.executable, "-m", "tools.prepare", *argv], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -121,8 +122,8 @@ def _prepare_in_subprocess(demo_dir: Path, out: Path, hash_seed: str) -> dict[st
 def test_two_processes_write_identical_bytes(demo_dir: Path, tmp_path: Path) -> None:
     """Same input and seed, two interpreters (other hash seeds): the same shard bytes and manifest."""
     out = tmp_path / "data"  # the same --out both times: the URIs in the manifest are the same too
-    first = _prepare_in_subprocess(demo_dir, out, hash_seed="1")
-    second = _prepare_in_subprocess(demo_dir, out, hash_seed="2")
+    first = _prepare_in_subprocess(demo_dir, out, "1")
+    second = _prepare_in_subprocess(demo_dir, out, "2", "--overwrite")
     assert first.keys() == second.keys() and len(first) > 4
     differ = [name for name in first if name != MANIFEST_NAME and first[name] != second[name]]
     assert differ == [], f"{len(differ)} of {len(first) - 1} shards differ, e.g. {differ[:2]}"
@@ -148,9 +149,9 @@ def test_limit_takes_whole_lesions_and_keeps_every_class(demo_dir: Path, tmp_pat
     )
 
 
-def test_rerun_replaces_a_local_output(demo_dir: Path, tmp_path: Path) -> None:
+def test_overwrite_replaces_a_local_output(demo_dir: Path, tmp_path: Path) -> None:
     first = prepare(demo_dir, tmp_path / "data", image_size=16, shard_size=20, seed=0)
-    second = prepare(demo_dir, tmp_path / "data", image_size=16, shard_size=100, seed=0)
+    second = prepare(demo_dir, tmp_path / "data", image_size=16, shard_size=100, seed=0, overwrite=True)
     assert len(second["train"]) < len(first["train"])
     assert load_manifest(tmp_path / "data" / MANIFEST_NAME).raw == second
     files = sorted(str(p.relative_to(tmp_path / "data")) for p in (tmp_path / "data").rglob("*") if p.is_file())
@@ -332,7 +333,7 @@ def test_command_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert prep.main(argv) == 0
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "images/s" in line and str(out / MANIFEST_NAME) in line
-    assert prep.main(["--input", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert prep.main(["--input", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --input ") and err.count("\n") == 1
 
@@ -359,5 +360,7 @@ def test_gcs_output_then_fetch_into_cache(demo_dir: Path, tmp_path: Path, gcs_em
     first.write_bytes(b"stale")
     fetch_shards(loaded, tmp_path / "cache")  # an invalid cached copy is downloaded again
     assert file_sha256(first) == manifest["sha256"][manifest["test"][0]]
-    with pytest.raises(PrepareError, match=r"already exists; dataset versions on GCS are immutable"):
+    with pytest.raises(
+        PrepareError, match=r"data_v01 already holds a dataset version \(gs://.*/data_v01/versioned_paths.pickle\)"
+    ):
         prepare(demo_dir, out, image_size=16)

@@ -431,8 +431,8 @@ def write_demo(
         jobs = dict(seed=seed, size=size, isic=sizes == "isic", scale=scale)
         _write_images(staging / IMAGE_DIR, rows, jobs, workers)
         truth, meta = _csv_rows(rows)
-        (staging / GROUND_TRUTH_CSV).write_text(_csv_text(GROUND_TRUTH_COLUMNS, truth))
-        (staging / METADATA_CSV).write_text(_csv_text(METADATA_COLUMNS, meta))
+        (staging / GROUND_TRUTH_CSV).write_text(_csv_text(GROUND_TRUTH_COLUMNS, truth), encoding="utf-8")
+        (staging / METADATA_CSV).write_text(_csv_text(METADATA_COLUMNS, meta), encoding="utf-8")
         _check_out(out)  # again: something may have appeared meanwhile
         os.replace(staging, out)  # atomic; also replaces an empty folder
     finally:

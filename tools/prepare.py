@@ -11,16 +11,25 @@ spans two splits; an empty lesion_id is its own group), resizes every image to a
 pixels in shards `{out}/{split}/{i:04d}.tfrecords` plus `{out}/versioned_paths.pickle`.
 
 Atomicity: shards are written to a staging area first; the manifest is written last, so an
-interrupted run never leaves a manifest pointing at partial shards. A local --out is replaced in
-place (its old manifest is removed before the split folders are swapped); a gs:// --out must not
-already hold a manifest (dataset versions there are immutable).
+interrupted run never leaves a manifest pointing at partial shards. An --out (local or gs://) that
+already holds a dataset version (a manifest, or shards in a split folder) is refused before any
+image is read: a registry tag may point at it, and new shards there would break the tag's checksums.
+--overwrite replaces it anyway: a local --out in place (its old manifest is removed before the split
+folders are swapped), a gs:// one by uploading the new shards over the old, then the manifest.
+
+Images: JPEG or PNG (whatever the suffix), at most MAX_IMAGE_PIXELS (64 megapixels) as their header
+claims; a file that ends early, or a JPEG whose data is too short for the size it claims, is refused
+with its path (no image is ever stored half grey). CSVs: strict UTF-8 (an Excel byte-order mark is fine).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
+import io
 import logging
+import mmap
 import os
 import pickle
 import random
@@ -39,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tools.demo_data import GROUND_TRUTH_COLUMNS, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_COLUMNS, METADATA_CSV
 from utilities import storage
@@ -49,6 +58,19 @@ from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadat
 MANIFEST_NAME = "versioned_paths.pickle"
 MANIFEST_PROTOCOL = 4  # fixed, not the interpreter default; readable by Python 3.4 and later
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG")  # Pillow's names; a file in any other format is refused whatever its suffix
+# 64 megapixels (8000×8000): 2.6× the largest ISIC images (6000×4000 camera frames; HAM10000 is 600×450,
+# BCN_20000 1024×1024), below Pillow's 89.5-megapixel bomb warning (so no image is ever accepted with only a
+# warning), and a full RGB decode (PNG has no reduced-size decode) stays under 200 MB per decoding thread.
+MAX_IMAGE_PIXELS = 64_000_000
+_JPEG_FRAMES = {  # start-of-frame markers: the coding each names
+    **dict.fromkeys((0xC0, 0xC1, 0xC2), "Huffman-coded"),
+    0xC3: "lossless",
+    **dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical"),
+    **dict.fromkeys((0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF), "arithmetic-coded"),
+}
+_JPEG_HUFFMAN_DCT = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive: what cameras and ISIC write
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the marker after entropy-coded data (not stuffing, RSTn)
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # no separators: an id can never escape the folder
 _MIN_GROUPS = len(SPLITS)  # a class needs one lesion per split
 
@@ -69,12 +91,29 @@ class Record:
 # ---------------------------------------------------------------- reading and validating the CSVs
 
 
+def _decode_csv(path: Path) -> str:
+    """The text of a CSV file, decoded strictly as UTF-8; a leading byte-order mark (Excel writes one) is dropped."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise PrepareError(f"{path.name} is UTF-16 (its byte-order mark says so); save it as UTF-8") from None
+        offset = bom + err.start  # in the file, counting the byte-order mark
+        line = data.count(b"\n", 0, offset) + 1
+        raise PrepareError(
+            f"{path.name}: byte {offset} (line {line}) is not UTF-8 ({err.reason}); save the file as UTF-8"
+        ) from None
+
+
 def _read_csv(path: Path, expected: Sequence[str], optional: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) pairs; the header must hold exactly `expected` (+ any of `optional`)."""
     if not path.is_file():
         raise PrepareError(f"{path} not found; --input must be a folder in the ISIC 2019 layout")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    # strict: a stray quote is an error, not a field that silently swallows the following lines.
+    reader = csv.DictReader(io.StringIO(_decode_csv(path), newline=""), strict=True)
+    try:
         header = reader.fieldnames or []
         missing = [c for c in expected if c not in header]
         extra = [c for c in header if c not in expected and c not in optional]
@@ -85,8 +124,11 @@ def _read_csv(path: Path, expected: Sequence[str], optional: Sequence[str] = ())
         rows = []
         for row in reader:
             if None in row or None in row.values():
-                raise PrepareError(f"{path.name} line {reader.line_num}: expected {len(header)} fields")
+                found = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                raise PrepareError(f"{path.name} line {reader.line_num}: expected {len(header)} fields, found {found}")
             rows.append((reader.line_num, row))
+    except csv.Error as err:  # line_num counts the lines read before the record that failed
+        raise PrepareError(f"{path.name} line {reader.line_num + 1}: {err}") from None
     return rows
 
 
@@ -279,14 +321,101 @@ def split_records(
 # ---------------------------------------------------------------- images and shards
 
 
+def _jpeg_frame(data: mmap.mmap) -> tuple[int, int, int, int] | None:
+    """(width, height, 8×8 blocks of all components, entropy-coded bytes of all scans) from a JPEG's markers;
+    None when there is no frame header (Pillow then names the problem)."""
+    frame, scan_bytes, pos = None, 0, 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:  # stray bytes between segments: libjpeg skips them to the next marker, so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            pos += 2
+            continue
+        body = data[pos + 4 : pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")]
+        pos += 4 + len(body)
+        if marker in _JPEG_FRAMES and frame is None:
+            if marker not in _JPEG_HUFFMAN_DCT:
+                raise PrepareError(f"{_JPEG_FRAMES[marker]} JPEG (SOF{marker - 0xC0}) is not supported")
+            frame = _frame_blocks(body)
+        elif marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            end = _JPEG_SCAN_END.search(data, pos)
+            scan_bytes += (end.start() if end else len(data)) - pos
+            pos = end.start() if end else len(data)
+    return None if frame is None else (*frame, scan_bytes)
+
+
+def _frame_blocks(sof: bytes) -> tuple[int, int, int]:
+    """(width, height, 8×8 blocks of all components) from a start-of-frame segment's body."""
+    height, width = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big")
+    count = sof[5] if len(sof) > 5 else 0
+    factors = [(b >> 4, b & 15) for b in sof[7 : 6 + 3 * count : 3]]  # (horizontal, vertical) sampling per component
+    if not factors or min(min(f) for f in factors) < 1:
+        return width, height, 0  # malformed: libjpeg refuses it
+    h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
+    return (
+        width,
+        height,
+        sum(_ceil(_ceil(width * h, h_max), 8) * _ceil(_ceil(height * v, v_max), 8) for h, v in factors),
+    )
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_image_claims(path: Path) -> None:
+    """Refuse, before decoding, an image whose header claims more than MAX_IMAGE_PIXELS, or a JPEG whose data is
+    too short for the size its header claims.
+
+    Pillow refuses a file that ends early, but not a JPEG whose scan data stops at an end marker before the
+    claimed size is filled: libjpeg fills the rest with grey and only warns. A Huffman-coded JPEG spends at
+    least one bit on every 8×8 block of every component (its DC code), so fewer bytes than blocks / 8 cannot
+    hold the image the header claims.
+    """
+    with path.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size < 32:
+            return  # too short for any header: Pillow names the problem
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            frame = None
+            if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+                width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            elif data[:2] == b"\xff\xd8" and (frame := _jpeg_frame(data)):
+                width, height, blocks, scan_bytes = frame
+            else:
+                return
+    if width * height > MAX_IMAGE_PIXELS:
+        raise PrepareError(
+            f"it claims {width}×{height} px ({width * height / 1e6:.0f} megapixels), more than the "
+            f"{MAX_IMAGE_PIXELS // 10**6} megapixels prepare accepts; downscale it"
+        )
+    if frame and 8 * scan_bytes < blocks:
+        raise PrepareError(
+            f"it is truncated: {scan_bytes} bytes of JPEG data cannot fill the {width}×{height} px its header "
+            f"claims (at least {_ceil(blocks, 8)} bytes)"
+        )
+
+
 def load_image(path: Path, size: int) -> bytes:
     """Raw uint8 RGB pixels of `path` resized to size×size (row-major, size*size*3 bytes)."""
     try:
-        with Image.open(path) as image:
+        check_image_claims(path)
+        # A truncated file must fail, never be padded with grey; another library may have turned this switch on.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        # Only the formats ISIC images come in: no other Pillow decoder ever sees these files.
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             # JPEG only: decode directly at 1/2, 1/4 or 1/8 scale when still ≥ size (much faster on big images).
             image.draft("RGB", (size, size))
             rgb = image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (PrepareError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         raise PrepareError(f"image {path} cannot be read: {one_line(err)}") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
@@ -389,26 +518,50 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return pickle.dumps(manifest, protocol=MANIFEST_PROTOCOL)
 
 
-def _check_only_shards(folder: Path) -> None:
-    strays = [p.name for p in folder.iterdir() if not (p.is_file() and p.suffix == ".tfrecords")]
-    if strays:
-        raise PrepareError(f"refusing to replace {folder}: it holds non-shard entries such as {strays[0]!r}")
+def _existing_version(out_uri: str) -> str | None:
+    """The first thing in --out that belongs to a dataset version (its manifest, a split folder holding shards)."""
+    if storage.is_gcs(out_uri):
+        return next(
+            (u for u in (storage.join(out_uri, n) for n in (MANIFEST_NAME, *SPLITS)) if storage.exists(u)), None
+        )
+    out = Path(out_uri)
+    if os.path.lexists(out / MANIFEST_NAME):
+        return str(out / MANIFEST_NAME)
+    for folder in (out / split for split in SPLITS):
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise PrepareError(f"refusing to write into {out}: {folder} is not a folder")
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        strays = [p.name for p in entries if not (p.is_file() and p.suffix == ".tfrecords")]
+        if strays:
+            raise PrepareError(f"refusing to write into {out}: {folder} holds non-shard entries such as {strays[0]!r}")
+        if entries:
+            return str(folder)
+    return None
 
 
-def _publish_local(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
-    for split in SPLITS:  # check before touching anything
-        if (out / split).exists():
-            _check_only_shards(out / split)
+def _check_no_version(out_uri: str, overwrite: bool) -> None:
+    """A registry tag may name the manifest in --out; new shards there would break it (checksums): refuse."""
+    found = _existing_version(out_uri)
+    if found and not overwrite:
+        raise PrepareError(
+            f"--out {out_uri} already holds a dataset version ({found}), which a registry tag may point at; "
+            "choose a new --out, or pass --overwrite to replace it (breaks every tag and manifest naming it)"
+        )
+
+
+def _publish_local(staging: Path, out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    _check_no_version(str(out), overwrite)  # again: another prepare may have published meanwhile
     # From here until the new manifest is written, no manifest points at this folder's shards.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for split in SPLITS:
-        if (out / split).exists():
+        if (out / split).exists():  # shards only (--overwrite) or empty: checked above
             os.replace(out / split, staging / f"old-{split}")  # deleted with the staging area
         os.replace(staging / split, out / split)
     storage.write_bytes(str(out / MANIFEST_NAME), manifest_bytes(manifest))
 
 
-def _publish_gcs(shards: dict[str, list[Path]], out_uri: str, manifest: dict[str, Any]) -> None:
+def _publish_gcs(shards: dict[str, list[Path]], out_uri: str, manifest: dict[str, Any], overwrite: bool) -> None:
+    _check_no_version(out_uri, overwrite)  # again: another prepare may have published meanwhile
     for split, paths in shards.items():
         for path in paths:
             storage.upload_file(path, _final_uri(out_uri, split, path))  # verified upload
@@ -430,15 +583,12 @@ def _check_arguments(
         raise PrepareError("--limit must be at least 1")
 
 
-def _check_out(out_uri: str) -> None:
+def _check_out(out_uri: str, overwrite: bool) -> None:
     if storage.is_gcs(out_uri):
         storage.check_writable(out_uri)
-        if storage.exists(storage.join(out_uri, MANIFEST_NAME)):
-            raise PrepareError(
-                f"{storage.join(out_uri, MANIFEST_NAME)} already exists; dataset versions on GCS are immutable, choose a new --out"
-            )
     elif Path(out_uri).exists() and not Path(out_uri).is_dir():
         raise PrepareError(f"--out {out_uri} exists and is not a folder")
+    _check_no_version(out_uri, overwrite)
 
 
 @dataclass(frozen=True)
@@ -449,6 +599,7 @@ class Plan:
     splits: dict[str, list[Record]]
     skipped_unk: int
     source: dict[str, Any]
+    overwrite: bool = False  # replace a dataset version already in out_uri
 
 
 def plan(
@@ -460,11 +611,14 @@ def plan(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     limit: int | None = None,
+    overwrite: bool = False,
 ) -> Plan:
-    """Validate arguments, output and CSVs, choose (--limit) and split the records. Writes nothing."""
+    """Validate arguments, output and CSVs, choose (--limit) and split the records. Writes nothing.
+
+    `out_uri` must not hold a dataset version already (a manifest, or shards) unless `overwrite`."""
     out_uri, input_dir = str(out_uri), Path(input_dir)
     _check_arguments(image_size, shard_size, val_fraction, test_fraction, limit)
-    _check_out(out_uri)
+    _check_out(out_uri, overwrite)
     records, skipped_unk = read_records(input_dir)
     records = limit_records(records, limit, seed)
     splits = split_records(records, seed, val_fraction, test_fraction)
@@ -478,7 +632,7 @@ def plan(
         "image_size": image_size,
         "shard_size": shard_size,
     }
-    return Plan(out_uri, splits, skipped_unk, source)
+    return Plan(out_uri, splits, skipped_unk, source, overwrite)
 
 
 def execute(plan: Plan, workers: int | None = None) -> dict[str, Any]:
@@ -487,6 +641,7 @@ def execute(plan: Plan, workers: int | None = None) -> dict[str, Any]:
         raise PrepareError("--workers must be at least 1")
     workers = workers or min(8, os.cpu_count() or 1)
     local_out = None if storage.is_gcs(plan.out_uri) else Path(plan.out_uri).resolve()
+    created = local_out is not None and not local_out.exists()  # removed again if this prepare fails
     if local_out:
         local_out.mkdir(parents=True, exist_ok=True)
     # Local: stage inside --out so the final moves are renames on one filesystem.
@@ -496,11 +651,15 @@ def execute(plan: Plan, workers: int | None = None) -> dict[str, Any]:
         shards = write_shards(plan.splits, staging, size, shard_size, workers)
         manifest = build_manifest(plan.out_uri, shards, plan.splits, plan.skipped_unk, plan.source)
         if local_out:
-            _publish_local(staging, local_out, manifest)
+            _publish_local(staging, local_out, manifest, plan.overwrite)
         else:
-            _publish_gcs(shards, plan.out_uri, manifest)
-    finally:
+            _publish_gcs(shards, plan.out_uri, manifest, plan.overwrite)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a refused image or a full disk leaves no empty --out behind
+            shutil.rmtree(local_out, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -524,7 +683,11 @@ def _summary(manifest: dict[str, Any], out_uri: str, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, type=Path, help="folder in the ISIC 2019 layout")
-    parser.add_argument("--out", required=True, help="output folder or gs://bucket/prefix")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder or gs://bucket/prefix, not already holding a dataset version (see --overwrite)",
+    )
     parser.add_argument(
         "--image-size", type=int, default=256, help="side of the stored square images, px (default: %(default)s)"
     )
@@ -538,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=None, help="use about N images, chosen as whole lesion groups")
     parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: min(8, CPUs))")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the dataset version already in --out (its manifest and shards); this breaks every registry "
+        "tag and manifest that points at that folder",
+    )
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -556,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             args.val_fraction,
             args.test_fraction,
             args.limit,
+            args.overwrite,
         )
         import tensorflow  # noqa: F401  (before the clock starts: images/s measures the work, not the ~2 s import)
 
