@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from utilities.config import Config, ConfigError, Source, sections, source
-from utilities.errors import JobError, one_line
+from utilities.errors import JobError, OneLineParser, one_line
 
 log = logging.getLogger("dermaid")
 PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run resumes
@@ -36,12 +36,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, unless its help already says what the default is."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+        # An on/off switch has no default worth printing: "--no-augment (default: True)" reads as "on".
+        switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+        return action.help if switch or "(default" in (action.help or "") else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag declared on a `Config` field, one argument group per section, then -v."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cli.py",
         description="Train the image + metadata skin-lesion classifier on a versioned dataset.",
         formatter_class=_HelpFormatter,

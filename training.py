@@ -84,8 +84,8 @@ def run(config: Config) -> RunResult:
 def _run(config: Config, watch: PreemptionWatch) -> RunResult:
     started = now()
     cluster = distribution.parse_cluster(config.cluster.tf_config)
+    manifest = data.load_manifest(config.data.manifest)  # refused before devices and any folder: nothing left
     strategy = set_up_devices(config, several_workers=cluster.num_workers > 1)
-    manifest = data.load_manifest(config.data.manifest)  # a refused manifest leaves no run folder behind
     if config.compression.enabled:  # a refused --teacher too, in seconds (not after the shards are fetched)
         compression_module().check_inputs(config)
     # Leased until the end: the same --run-id started twice is refused; a run refused before writing leaves nothing.

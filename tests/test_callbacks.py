@@ -89,3 +89,13 @@ def test_epoch_logger_rows_split_train_and_val_under_a_prefix():
         "pruned/train/loss": 0.5,
         "pruned/val/balanced_accuracy": 0.75,
     }
+
+
+def test_history_csv_numbers_epochs_from_one(tmp_path):
+    """As the log lines, the report and its figure count them (Keras' CSVLogger starts at 0)."""
+    model = tf_keras.Sequential([tf_keras.Input((2,)), tf_keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    _, callbacks = fit_callbacks(history_csv=tmp_path / "history.csv")
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=2, verbose=0, callbacks=callbacks)
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]

@@ -221,3 +221,14 @@ def test_tools_evaluate_reads_a_gs_run_and_writes_a_gs_evaluation_once(run, prep
     capsys.readouterr()
     assert evaluate.main(["--model", tflite, *args, "--output", out]) == 2  # never over another evaluation
     assert "already holds files" in capsys.readouterr().err
+
+
+def test_a_relative_registry_folder_reaches_dvc_pull_absolute(tmp_path, monkeypatch):
+    """dvc_pull.sh runs in a scratch folder: `--registry demo/registry` must name the folder from there too."""
+    from tools.evaluate import _absolute
+
+    (tmp_path / "demo" / "registry").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _absolute("demo/registry") == str(tmp_path / "demo" / "registry")
+    for url in ("https://u:t@host/r.git", "git@host:org/r.git", "file:///srv/r"):
+        assert _absolute(url) == url

@@ -24,7 +24,6 @@ realistic decode costs. The lesion is drawn at ≤ DRAW_SIZE px and upscaled, pl
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utilities.errors import JobError
+from utilities.errors import JobError, OneLineParser
 from utilities.schema import CLASS_NAMES, SITES
 
 IMAGE_DIR = "ISIC_2019_Training_Input"
@@ -441,7 +440,7 @@ def write_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.demo_data", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m tools.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="new folder to create")
     parser.add_argument(
         "--images", type=int, default=640, help=f"number of images, at least {MIN_IMAGES} (default: %(default)s)"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utilities.errors import JobError, one_line, redact_url
+from utilities.errors import JobError, OneLineParser, one_line, redact_url
 
 log = logging.getLogger("tools.evaluate")
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ class LoadedModel:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run folder, model folder, .keras or .tflite (local or gs://)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--manifest", help="the dataset version's manifest (versioned_paths.pickle; local or gs://)")
@@ -154,6 +154,12 @@ def load(uri: str, scratch: Path, trust_code: bool = False) -> LoadedModel:
 # ---------------------------------------------------------------- the data
 
 
+def _absolute(registry: str) -> str:
+    """A local registry folder as an absolute path: dvc_pull.sh runs in a scratch folder, where a relative
+    one names nothing. URLs (scheme://, user@host:path) pass unchanged."""
+    return registry if "://" in registry or not Path(registry).exists() else str(Path(registry).resolve())
+
+
 def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
     """The tag's manifest, fetched by dvc_pull.sh (the one reader of the registry: credentials, redaction)."""
     # dvc (and this python) from the environment running us first, as `make demo` does.
@@ -162,7 +168,7 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
     done = subprocess.run(
         ["sh", str(ROOT / "dvc_pull.sh"), "-t", tag],
         cwd=scratch,
-        env={**os.environ, "PATH": path, "DVC_REPO": registry},
+        env={**os.environ, "PATH": path, "DVC_REPO": _absolute(registry)},
         capture_output=True,
         text=True,
         check=False,

@@ -24,7 +24,6 @@ with its path (no image is ever stored half grey). CSVs: strict UTF-8 (an Excel 
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import csv
 import io
@@ -52,7 +51,7 @@ from PIL import Image, ImageFile
 
 from tools.demo_data import GROUND_TRUTH_COLUMNS, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_COLUMNS, METADATA_CSV
 from utilities import storage
-from utilities.errors import JobError, one_line
+from utilities.errors import JobError, OneLineParser, one_line
 from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
 
 MANIFEST_NAME = "versioned_paths.pickle"
@@ -681,7 +680,7 @@ def _summary(manifest: dict[str, Any], out_uri: str, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.prepare", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m tools.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, type=Path, help="folder in the ISIC 2019 layout")
     parser.add_argument(
         "--out",

@@ -20,7 +20,6 @@ themselves stdlib at import) so dvc_pull.sh can use `load_manifest` / `summary_l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import os
@@ -32,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from utilities.errors import JobError, redact_url
+from utilities.errors import JobError, OneLineParser, redact_url
 from utilities.manifest import Manifest, ManifestError, read_file, summary_lines
 from utilities.manifest import parse as parse_manifest
 
@@ -231,7 +230,7 @@ def meaningful_line(output: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.registry", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m tools.registry", description=__doc__.splitlines()[0])
     parser.add_argument("--registry", required=True, type=Path, help="git repository of the registry (created if new)")
     parser.add_argument("--manifest", required=True, help="versioned_paths.pickle (local path or gs:// URI)")
     parser.add_argument("--tag", required=True, help="git tag for this dataset version, e.g. dataset_v03")

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from utilities.errors import JobError, redact_url
+from utilities.errors import JobError, OneLineParser, redact_url
 
 DEFAULT_MACHINE_TYPE = "n1-standard-8"
 DEFAULT_ACCELERATOR = "NVIDIA_TESLA_T4"
@@ -215,7 +215,7 @@ def submit(spec: dict[str, Any], credentials: Any = None) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m tools.vertex_submit",
         description="Submit the training image as a Vertex AI custom job. Arguments after -- go to cli.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -42,6 +42,13 @@ class Preempted(BaseException):  # like KeyboardInterrupt: no `except Exception`
     """SIGTERM arrived (Vertex AI, spot VMs: ~30 s before the kill); what could be saved is saved."""
 
 
+class EpochCSVLogger(tf_keras.callbacks.CSVLogger):
+    """history.csv with epochs numbered from 1, as the log lines, the report and its figure count them."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
 class NanGuard(tf_keras.callbacks.Callback):
     """Stops training at the first non-finite loss, naming epoch and step (TerminateOnNaN names neither)."""
 
@@ -152,7 +159,7 @@ def fit_callbacks(
         callbacks.append(tf_keras.callbacks.BackupAndRestore(str(restore_dir)))  # a rerun resumes
     callbacks += [*hooks, NanGuard(what)]
     if history_csv is not None:
-        callbacks.append(tf_keras.callbacks.CSVLogger(str(history_csv), append=True))
+        callbacks.append(EpochCSVLogger(str(history_csv), append=True))
     callbacks += loggers
     if patience > 0:
         callbacks.append(

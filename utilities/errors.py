@@ -18,6 +18,7 @@ Credentials never reach a message, a log or a record: `redact_url` scrubs every 
 
 from __future__ import annotations
 
+import argparse
 import re
 
 REDACTED = "***"
@@ -66,3 +67,11 @@ def redact_url(text: str) -> str:
 def _redact_one(match: re.Match[str]) -> str:
     url = _USERINFO.sub(rf"\1{REDACTED}@", match.group(0), count=1)
     return _CREDENTIAL_PARAM.sub(rf"\1{REDACTED}", url)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line on stderr (exit 2), not the whole usage first:
+    `cli.py: error: unrecognized arguments: --epoch 3 (see cli.py --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {redact_url(message)} (see {self.prog} --help)\n")
