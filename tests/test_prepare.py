@@ -185,7 +185,12 @@ def test_interrupted_run_leaves_no_manifest(demo_dir: Path, tmp_path: Path, monk
     monkeypatch.setattr(prep, "example_bytes", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare(demo_dir, tmp_path / "data", image_size=16, shard_size=40, seed=0)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # the --out it created is gone: nothing of the run is left
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays, empty
+    with pytest.raises(KeyboardInterrupt):
+        calls["n"] = 0
+        prepare(demo_dir, tmp_path / "mine", image_size=16, shard_size=40, seed=0)
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 def test_images_are_resized_in_threads_same_as_serial(demo_dir: Path, tmp_path: Path) -> None:
