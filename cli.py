@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from utilities import native_log
 from utilities.config import Config, ConfigError, Source, sections, source
 from utilities.errors import JobError, OneLineParser, one_line
 
@@ -56,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                     groups[title] = parser.add_argument_group(title)
                 _add_flags(groups[title], f"{name}.{f.name}", f, src)
     last = list(groups.values())[-1]  # Output and tracking
-    last.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    last.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and TensorFlow's C++ start-up lines (also kept when TF_CPP_MIN_LOG_LEVEL is set)",
+    )
     return parser
 
 
@@ -193,7 +199,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         parser.error(str(exc))  # exits 2 with usage
     log.info(tracking_choice(getattr(args, "tracking.enabled"), env)[1])
 
-    import training  # TensorFlow is imported only past this point
+    with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines (cuInit on a CPU) dropped
+        import training  # TensorFlow is imported only past this point
+
+        native_log.find_devices()
 
     try:
         result = training.run(config)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,10 +241,13 @@ def test_missing_manifest_says_to_pull(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},  # as a user's shell
     )
     assert out.returncode == 2, out.stderr
     assert "dvc_pull.sh" in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+    # TensorFlow's C++ start-up lines (absl's banner, the CUDA probe's "failed call to cuInit") are dropped.
+    assert out.stderr.count("\n") == 2 and " INFO dermaid: W&B tracking off" in out.stderr, out.stderr
 
 
 # ---------------------------------------------------------------- flags declared on the Config fields
