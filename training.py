@@ -107,6 +107,7 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
                 result.variants = evaluate_variants(config, model, datasets, folder, strategy, tracker, cluster)
                 for line in report.collapse_warnings(result.metrics):
                     log.warning(line)
+            watch.check()  # a SIGTERM that a library swallowed still stops the run before it publishes
             record.finished = now()
             if folder.publish:
                 publish(config, folder, result, tracker, datasets)

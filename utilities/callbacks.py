@@ -203,6 +203,13 @@ class PreemptionWatch:
         if not self._defer:
             raise Preempted("SIGTERM")
 
+    def check(self) -> None:
+        """Raise `Preempted` if SIGTERM came and its exception was swallowed on the way (TensorFlow's TFLite
+        converter can eat it while it traces): called between the run's phases, so a preempted run never
+        publishes as complete."""
+        if self.signalled:
+            raise Preempted("SIGTERM")
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         self._defer = True

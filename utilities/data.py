@@ -119,7 +119,8 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
             path, downloaded = shard_files.fetch(uri, manifest.sha256_of(uri), split, cache)
             if downloaded is not None:
                 fetched, cached = fetched + downloaded, cached + (not downloaded)
-            _check_one_listing(files, path, f"{split}[{index}] {uri}", manifest.path)
+            if not storage.is_gcs(uri):  # a cached copy is named by its digest, already compared
+                _check_one_listing(files, path, f"{split}[{index}] {uri}", manifest.path)
             local[split].append(str(path))
             progress.advance()
     progress.done()
@@ -130,7 +131,8 @@ def fetch_shards(manifest: Manifest, cache_dir: str | Path) -> dict[str, list[st
 
 def _check_one_listing(files: dict[tuple[int, int], str], path: Path, where: str, manifest: str) -> None:
     """The manifest refused two URIs of one shard (`manifest.shard_key`); a symbolic or hard link still
-    names one file twice, and only the file system can tell."""
+    names one file twice, and only the file system can tell. Local shards only: the shard cache is shared
+    by processes that replace its files, so an inode seen there may be reused by another shard's copy."""
     stat = path.stat()
     first = files.setdefault((stat.st_dev, stat.st_ino), where)
     if first != where:
