@@ -1,7 +1,7 @@
 """Every benchmark, one after another on one demo dataset: tables on stdout, JSON per benchmark.
 
-    .venv/bin/python -m bench.all                    # ~10 min on 2 shared CPU cores (`make bench`)
-    .venv/bin/python -m bench.all --full             # + pruned model and every TFLite type (~+8 min)
+    .venv/bin/python -m bench.all                    # 603 s on 2 shared CPU cores (bench/results/all.json) (`make bench`)
+    .venv/bin/python -m bench.all --full             # + pruned model and every TFLite type (the full compression set: 302 s in compression_full.json)
     .venv/bin/python -m bench.all --with-scale       # + bench.scale: ISIC-sized JPEGs at 256 px (~+15 min here)
 
 Writes `bench/results/{pipeline,training,cache,mfu,distill,compression}.json` and `all.json`
@@ -23,7 +23,7 @@ from bench import common
 
 BENCHMARKS = ("pipeline", "training", "cache", "mfu", "distill", "compression")
 # Settings that keep the whole run near 10 minutes here; --full drops them. Converting DenseNet121
-# to TFLite takes ~1.5 min per type on this machine, pruning it ~2.5 min.
+# to TFLite takes minutes per type on this machine (the full set: 302 s, compression_full.json).
 QUICK = {
     "mfu": ["--repeats", "3"],  # FLOP counting of the DenseNet121 graphs alone takes ~1 min
     "compression": ["--modes", "dynamic", "--student-modes", "float32", "int8", "--no-pruned", "--repeats", "3"],

@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.cache [--images 640] [--image-size 64]
 
-The job's default model (frozen DenseNet121) with augmentation off, so `--cache-features auto`
+The job's model with a frozen DenseNet121 (`--freeze-backbone`; the job's default fine-tunes)
+with augmentation off, so `--cache-features auto`
 caches. Uncached epoch: `model.fit` over the shards (train + validation). Cached epoch: the head
 model on cached features (`utilities.feature_cache`), train + validation. Both sides exclude
 the first epoch (tracing); the one-off cost of building the cache (one inference pass over train

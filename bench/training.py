@@ -59,7 +59,11 @@ def report(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_modes(parser, ["frozen"], "backbone frozen (the job's default) and/or fine-tuned (default: %(default)s)")
+    common.add_modes(
+        parser,
+        ["frozen"],
+        "backbone frozen (--freeze-backbone) and/or fine-tuned (the job's default) (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
