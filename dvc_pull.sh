@@ -92,6 +92,9 @@ done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || usage "unexpected argument: $(redact "$1")"
 [ -n "$tag" ] || usage "no dataset tag: pass -t TAG or set DVC_TAG"
+if [ -z "$repo" ] && [ -n "${GIT_URL:-}" ]; then # the original's variable, with the login inside: never echoed
+    usage "missing -r REPO (or set DVC_REPO): GIT_URL is not read; put the registry URL without its login in DVC_REPO and the login in GIT_LOGIN"
+fi
 [ -n "$repo" ] || usage "missing -r REPO (or set DVC_REPO)"
 case "$tag" in
 -* | *[!A-Za-z0-9._-]*) usage "invalid tag: use letters, digits, '.', '_', '-'" ;;

@@ -163,3 +163,39 @@ def test_a_gs_manifest_trains_and_its_lineage_hashes_the_bytes_read(gcs_emulator
     lineage = json.loads((only_run(out, "gs") / "run.json").read_text())
     assert lineage["data"]["manifest_sha256"] == hashlib.sha256(pickled).hexdigest()
     assert lineage["data"]["manifest"] == f"gs://{bucket}/versioned_paths.pickle"
+
+
+def _readme_recipe() -> str:
+    """The python block of README's migration section: what an original client changes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Migrating from the original container", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```python\n")[1:]
+    assert len(blocks) == 1, "one recipe block in the migration section"
+    return blocks[0].split("```", 1)[0]
+
+
+def test_the_readme_recipe_for_an_original_client_runs_on_a_model_of_this_job(tmp_path):
+    """Original clients fed pixels / 255: multiplied back they get this model's answer, and Grad-CAM's layer
+    (nested in "densenet121") gives a class-activation map through the model's own image branch."""
+    from utilities.config import ModelConfig
+    from utilities.model import build_model, save_model
+
+    model = build_model(ModelConfig(weights="none", fcnn_nodes=16), 64)  # 64 px: a 2×2 last feature map
+    path = save_model(model, tmp_path)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 64, 64, 3)).astype("float32")
+    metadata = np.eye(28, dtype="float32")[[0, 12, 27]]
+    scope = {"pixels_0_1": pixels / 255.0, "metadata": metadata}
+    exec(_readme_recipe().replace('"RUN/model"', repr(str(path))), scope)  # the README's own text
+
+    raw = model({"image": pixels, "metadata": metadata}).numpy()
+    np.testing.assert_allclose(scope["probs"], raw, atol=1e-5)
+    unscaled = model({"image": pixels / 255.0, "metadata": metadata}).numpy()
+    assert np.abs(unscaled - raw).max() > 1e-3  # feeding 0..1 as before gives other answers, silently
+    # The recipe's image-branch logits are the model's: fused with the metadata branch they give its output.
+    loaded = scope["model"]
+    meta_logits = loaded.get_layer("metadata_logits")(loaded.get_layer("metadata_dense")(metadata))
+    fused = loaded.get_layer("fusion")([scope["logits"], meta_logits]).numpy()
+    np.testing.assert_allclose(fused, raw, atol=1e-5)
+    cam = scope["cam"].numpy()
+    assert cam.shape == (3, 2, 2) and np.isfinite(cam).all() and np.abs(scope["grads"].numpy()).max() > 0

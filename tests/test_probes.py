@@ -9,9 +9,11 @@ test_lease, test_data_trust, test_prepare_trust); this table is where the next a
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,18 +179,25 @@ def vertex_token_in_query(tmp, prepared, demo):
     return lambda: vertex_submit.main(argv), None
 
 
-def dvc_pull_option_repo(tmp, prepared, demo):
-    marker = tmp / "ran"
-    argv = ["sh", str(ROOT / "dvc_pull.sh"), "-r", f"--upload-pack=touch {marker}; git-upload-pack", "-t", "v1"]
-
+def _dvc_pull(tmp: Path, *args: str, **env: str) -> Callable[[], int]:
     def run() -> int:
-        proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=60)
-        import sys
-
+        clean = {k: v for k, v in os.environ.items() if k not in ("DVC_REPO", "DVC_TAG", "GIT_URL")}
+        argv = ["sh", str(ROOT / "dvc_pull.sh"), *args]
+        proc = subprocess.run(argv, cwd=tmp, env={**clean, **env}, capture_output=True, text=True, timeout=60)
         sys.stderr.write(proc.stderr)
         return proc.returncode
 
-    return run, marker
+    return run
+
+
+def dvc_pull_option_repo(tmp, prepared, demo):
+    marker = tmp / "ran"
+    return _dvc_pull(tmp, "-r", f"--upload-pack=touch {marker}; git-upload-pack", "-t", "v1"), marker
+
+
+def dvc_pull_original_git_url(tmp, prepared, demo):
+    """The original's run-commands.sh exported GIT_URL (login inside) for dvc_pull.sh; ours reads DVC_REPO."""
+    return _dvc_pull(tmp, "-t", "dataset_v01", GIT_URL="https://user:tok3n-Zq9@github.com/org/registry"), None
 
 
 PROBES = [
@@ -206,6 +215,7 @@ PROBES = [
     Probe("a JPEG claiming 10000×10000", prepare_bomb_jpeg, 2, r"claims 10000×10000 px .* megapixels"),
     Probe("vertex_submit --dvc-repo ?access_token=", vertex_token_in_query, 2, r"must not carry a token"),
     Probe("dvc_pull.sh -r '--upload-pack=CMD'", dvc_pull_option_repo, 2, r"starts with '-'"),
+    Probe("dvc_pull.sh with the original's GIT_URL", dvc_pull_original_git_url, 2, r"GIT_URL is not read.*DVC_REPO"),
 ]
 
 
