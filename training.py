@@ -53,6 +53,7 @@ from utilities.runs import (
     point_latest_at,
     publish_files,
     read_history,
+    remove_checkpoints,
     write_json,
 )
 from utilities.variant_eval import VariantResult, most_confident_mistakes
@@ -99,6 +100,7 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
             run_id=config.output.run_id,
             config_dict={"config": record.config, "data": dataclasses.asdict(record.data)},
             is_chief=cluster.is_chief,
+            local_dir=folder.local,  # W&B's files (without WANDB_DIR): beside the run's, never in the cwd
         )
         result = RunResult(uri=folder.uri, local_dir=folder.local, record=record)
         try:
@@ -297,7 +299,7 @@ def fit(
 
 def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datasets) -> None:
     """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export;
-    then run.json and latest.json."""
+    then run.json and latest.json; then the training backups go (unless --keep-checkpoints)."""
     metrics, record = result.metrics, result.record
     folder.check_lease()  # a run whose folder another process took over publishes nothing
     write_json(folder.path("metrics.json"), metrics)
@@ -323,6 +325,8 @@ def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datas
     publish_files(folder)
     point_latest_at(config, record)
     log.info("model, metrics and report: %s (report: %s)", folder.uri, written.name)
+    if not config.output.keep_checkpoints:  # a complete run is never resumed: its backups only take space
+        remove_checkpoints(folder)
 
 
 def summary_values(model: dict[str, Any]) -> dict[str, Any]:

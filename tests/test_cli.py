@@ -336,3 +336,12 @@ def test_flags_that_contradict_are_refused_in_the_config_layer():
     with pytest.raises(ConfigError, match="--freeze-backbone and --fine-tune contradict each other"):
         model["fine_tune"].pick([False, True])
     assert model["fine_tune"].pick([None, None]) is None and model["fine_tune"].pick([False, None]) is False
+
+
+def test_keep_checkpoints_is_an_off_by_default_switch_named_in_help():
+    assert config([]).output.keep_checkpoints is False
+    assert config(["--keep-checkpoints"]).output.keep_checkpoints is True
+    assert config(["--keep-checkpoints", "no"]).output.keep_checkpoints is False
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "--keep-checkpoints [BOOL]" in help_text and "AIP_CHECKPOINT_DIR" in help_text
+    assert "(default: removed once run.json and latest.json are written)" in help_text

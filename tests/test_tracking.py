@@ -190,3 +190,30 @@ def test_null_tracker_callbacks_still_record_fusion_weights():
     history = _fit(NullTracker().callbacks(), epochs=1)
     assert set(history) >= {"loss", "fusion/image", "fusion/metadata"}
     assert FusionWeightLogger().tracker is not None
+
+
+def test_the_wandb_folder_is_wandb_dir_else_the_run_folder_never_the_cwd(tmp_path):
+    run = tmp_path / "out" / "m" / "r1"
+    assert tracking.wandb_folder(TrackingConfig(wandb_dir=str(tmp_path / "wb")), run) == tmp_path / "wb"
+    assert tracking.wandb_folder(TrackingConfig(), run) == run
+    fallback = tracking.wandb_folder(TrackingConfig(), None)  # a library call without a run folder
+    assert fallback.is_dir() and fallback.name.startswith("dermaid-wandb-") and fallback != Path.cwd()
+    fallback.rmdir()
+
+
+def test_without_wandb_dir_the_offline_run_goes_into_the_run_folder(wandb_env, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_DIR")
+    cwd, run = wandb_env / "cwd", wandb_env / "out" / "m" / "r1"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    config = TrackingConfig(enabled=True, mode="offline", project="dermaid-test")  # wandb_dir None: WANDB_DIR unset
+    with caplog.at_level(logging.INFO, logger="utilities.tracking"):
+        tracker = start_tracking(config, "test-run", "no-dir-run", {}, local_dir=Path("../out/m/r1"))
+    tracker.log({"loss": 1.0})
+    tracker.finish()
+    assert tracker.run_dir.parent == run.resolve() / "wandb" and tracker.run_dir.is_absolute()
+    assert [r["loss"] for r in tracking.read_offline_history(tracker.run_dir) if "loss" in r] == [1.0]
+    assert list(cwd.iterdir()) == []  # no ./wandb
+    assert f"W&B offline run: {tracker.run_dir}; upload it with `wandb sync {tracker.run_dir}`" in caplog.text
+    assert FAKE_KEY not in caplog.text
+    assert [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()] == []

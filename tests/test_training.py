@@ -33,9 +33,13 @@ def run_cli(args, tmp_path, env_extra=None, timeout=600):
     )
 
 
-def start_cli(args, tmp_path, log_name: str, request) -> tuple[subprocess.Popen, Path]:
-    """run_cli's process in the background, output to tmp_path / log_name; killed at the test's end if still running."""
+def start_cli(args, tmp_path, log_name: str, request, env_extra=None) -> tuple[subprocess.Popen, Path]:
+    """run_cli's process in the background, output to tmp_path / log_name; killed at the test's end if still running.
+
+    `env_extra` changes run_cli's environment; a None value unsets that variable."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": SECRET}
+    env.update(env_extra or {})
+    env = {key: value for key, value in env.items() if value is not None}
     log = tmp_path / log_name
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "cli.py", *args], cwd=ROOT, env=env, stdout=sink, stderr=sink)
@@ -86,12 +90,19 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     run_dir = only_run(full_run.out, FULL)
     # A second run never overwrites the first: checked on a copy (the shared run stays as it was), the
     # second run going on beside the checks of the first below. Frozen, no augmentation: cached features.
+    # It keeps its checkpoints, and tracks offline (a key, no -x) without WANDB_DIR: into its run folder.
     out = tmp_path / "out"
     shutil.copytree(full_run.out, out)
     args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
     second, second_log = start_cli(
-        [*args, "-e", "1", "--no-augment", "--no-saved-model"], tmp_path, "second.log", request
+        [*args, "-e", "1", "--no-augment", "--no-saved-model", "--keep-checkpoints"],
+        tmp_path,
+        "second.log",
+        request,
+        env_extra={"WANDB_DIR": None},
     )
+    # A complete run's backups are gone (its outputs and run.json are checked below).
+    assert not (run_dir / "checkpoints").exists() and "removed the training backups" in first.stderr
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_metrics = metrics["variants"]["model"]
@@ -141,6 +152,12 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     runs = sorted(p.name for p in (out / FULL).iterdir() if p.is_dir())
     assert len(runs) == 2 and not (out / FULL / runs[-1] / "model" / "saved_model.pb").exists()
     assert json.loads((out / FULL / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
+    second_dir = out / FULL / runs[-1]
+    assert (second_dir / "checkpoints" / "backup").is_dir()  # --keep-checkpoints
+    in_run = [p.name for p in second_dir.glob("wandb/offline-run-*")]
+    assert len(in_run) == 1 and in_run[0].endswith(f"-{runs[-1]}"), in_run
+    assert f"W&B offline run: {second_dir / 'wandb' / in_run[0]}; upload it with `wandb sync" in second_log.read_text()
+    assert not list(ROOT.glob(f"wandb/offline-run-*-{runs[-1]}"))  # nothing in the current folder
 
     # W&B (offline) got the per-epoch metrics; the key is nowhere in outputs, logs or W&B files.
     wandb_runs = list(full_run.tmp.glob("wandb/offline-run-*"))

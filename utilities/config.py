@@ -344,6 +344,15 @@ class OutputConfig:
         help="skip the SavedModel export beside model/model.keras (it loads with TensorFlow alone; ~1 min; "
         "still done for AIP_MODEL_DIR)",
     )
+    # A complete run is never resumed (run.json refuses it), so its backups only cost space (~80 MB at DenseNet121).
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata=switch(
+            "--keep-checkpoints",
+            help="keep a complete run's training backups: checkpoints/ in the run folder, or the run's folder "
+            "under AIP_CHECKPOINT_DIR (default: removed once run.json and latest.json are written)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_name("--model-name", self.model_name)
@@ -382,6 +391,7 @@ class TrackingConfig:
     )
     mode: str = from_env("WANDB_MODE", "offline")  # without it: online when a key is present, else offline
     project: str = opt("dermaid", "--wandb-project", help="W&B project")
+    # WANDB_DIR unset: W&B writes into the run's local folder (tracking.wandb_folder), never the current one.
     wandb_dir: str | None = from_env("WANDB_DIR")
 
     def __post_init__(self) -> None:

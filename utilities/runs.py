@@ -6,6 +6,7 @@ with open_run_folder(config, is_chief=True) as folder:  # leased; refuses a comp
     folder.check_lease()                                   # LeaseLost if another process took the folder over
     write_json(folder.path("run.json"), record.to_json())  # last: run.json marks a complete run
     point_latest_at(config, record)
+    remove_checkpoints(folder)                             # the backups: nothing resumes a complete run
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 
 from utilities import lease, storage
 from utilities.config import Config
-from utilities.errors import JobError
+from utilities.errors import JobError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +142,57 @@ def local_mount(uri: str) -> str:
     return uri
 
 
+# Subfolders of a run's local folder that stay local: the backups, and W&B's files (tracking.wandb_folder).
+LOCAL_ONLY = ("checkpoints", "wandb")
+
+
 def publish_files(folder: RunFolder) -> None:
-    """Upload a gs:// run's staged files (checkpoints and the staging copy's lease stay local), `run.json` last:
-    it marks completion."""
+    """Upload a gs:// run's staged files (`LOCAL_ONLY` folders and the staging copy's lease stay local),
+    `run.json` last: it marks completion."""
     if not storage.is_gcs(folder.uri):
         return
     kept = ("run.json", lease.LEASE_NAME)
-    files = [p for p in folder.local.rglob("*") if p.is_file() and p.name not in kept and "checkpoints" not in p.parts]
-    for path in files:
-        storage.upload_file(path, storage.join(folder.uri, path.relative_to(folder.local).as_posix()))
+    for path in sorted(folder.local.rglob("*")):
+        relative = path.relative_to(folder.local)
+        if path.is_file() and path.name not in kept and relative.parts[0] not in LOCAL_ONLY:
+            storage.upload_file(path, storage.join(folder.uri, relative.as_posix()))
     storage.upload_file(folder.path("run.json"), storage.join(folder.uri, "run.json"))
+
+
+def remove_checkpoints(folder: RunFolder) -> bool:
+    """Delete a complete run's training backups (`folder.checkpoints`: checkpoints/ beside the outputs, or the
+    run's own folder under AIP_CHECKPOINT_DIR, through Vertex AI's /gcs mount); True when they are gone.
+
+    Called by the chief after run.json and latest.json are written: a complete run is refused before
+    anything would restore them. A failure is a warning; the run stays complete.
+    """
+    path = folder.checkpoints
+    if not path.exists():
+        return True
+    size = 0
+    with contextlib.suppress(OSError):  # for the log line only
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    try:
+        shutil.rmtree(path, onerror=_vanished_is_fine)
+    except OSError as exc:
+        log.warning(
+            "could not remove the training backups %s (the run is complete; delete them by hand): %s",
+            path,
+            exc.strerror or one_line(exc),
+        )
+        return False
+    log.info(
+        "removed the training backups %s (%.0f MB): the run is complete (--keep-checkpoints keeps them)",
+        path,
+        size / 1e6,
+    )
+    return True
+
+
+def _vanished_is_fine(function, path, exc_info) -> None:
+    """shutil.rmtree's error hook: a file another process removed meanwhile is not a failure."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 # ---------------------------------------------------------------------- the record (run.json)

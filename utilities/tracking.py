@@ -7,7 +7,8 @@
 
 Only the chief tracks: other workers and disabled runs get a `NullTracker`, and then `wandb` is
 never imported. The run config passes through `sanitize` first, so no secret reaches W&B. Offline
-runs are written as `{wandb_dir}/wandb/offline-run-*/run-*.wandb`; `wandb sync DIR` uploads them
+runs are written as `{folder}/wandb/offline-run-*/run-*.wandb`, where `folder` is WANDB_DIR when set,
+else the run's local folder (`wandb_folder`: never the current folder); `wandb sync DIR` uploads them
 later, and `read_offline_history(DIR)` reads their logged rows back (tests, offline checks).
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import re
 import struct
+import tempfile
 import time
 import zlib
 from abc import ABC, abstractmethod
@@ -215,20 +217,40 @@ def _tag_alias(data_tag: str | None) -> list[str]:
     return [_artifact_name(data_tag)] if data_tag else []
 
 
+def wandb_folder(config: TrackingConfig, local_dir: str | Path | None) -> Path:
+    """The folder W&B writes its `wandb/` into: WANDB_DIR when set, else the run's local folder.
+
+    `local_dir` is the run folder itself for a local --output, its staging copy (`.cache/runs/…`, never
+    uploaded) for a gs:// one. Without either (a library call), a new temporary folder that is kept:
+    `wandb sync` needs it. Never the current folder, where wandb would put `./wandb/` by itself.
+    """
+    if config.wandb_dir:
+        return Path(config.wandb_dir)
+    if local_dir is not None:
+        return Path(local_dir)
+    return Path(tempfile.mkdtemp(prefix="dermaid-wandb-"))
+
+
 def start_tracking(
-    config: TrackingConfig, run_name: str, run_id: str, config_dict: dict[str, Any], is_chief: bool = True
+    config: TrackingConfig,
+    run_name: str,
+    run_id: str,
+    config_dict: dict[str, Any],
+    is_chief: bool = True,
+    local_dir: str | Path | None = None,
 ) -> Tracker:
     """A W&B run (resumed when `run_id` exists) on the chief when enabled, else a `NullTracker`.
 
-    A failing `wandb.init` (e.g. online without network) does not stop training: it is logged and
-    the run continues untracked; metrics.json and report.md still hold every result.
+    Its files go under `wandb_folder(config, local_dir)`. A failing `wandb.init` (e.g. online without
+    network) does not stop training: it is logged and the run continues untracked; metrics.json and
+    report.md still hold every result.
     """
     if not config.enabled or config.mode == "disabled" or not is_chief:
         return NullTracker()
     import wandb
 
-    if config.wandb_dir:
-        Path(config.wandb_dir).mkdir(parents=True, exist_ok=True)
+    folder = wandb_folder(config, local_dir).resolve()  # the logged `wandb sync` command works from anywhere
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(
             project=config.project,
@@ -236,7 +258,7 @@ def start_tracking(
             id=run_id,
             resume="allow",
             mode=config.mode,
-            dir=config.wandb_dir,
+            dir=str(folder),
             config=sanitize(config_dict),
         )
     except Exception as exc:  # wandb raises its own errors (CommError, UsageError, ...)
@@ -244,9 +266,7 @@ def start_tracking(
         return NullTracker()
     tracker = WandbTracker(run)
     if config.mode == "offline":
-        logger.info(
-            "W&B offline: runs are written to %s; `wandb sync %s` uploads them", tracker.run_dir, tracker.run_dir
-        )
+        logger.info("W&B offline run: %s; upload it with `wandb sync %s`", tracker.run_dir, tracker.run_dir)
     return tracker
 
 
