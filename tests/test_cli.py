@@ -177,6 +177,7 @@ def test_each_run_gets_a_new_run_id():
     ("argv", "message"),
     [
         (["-b", "7", "-g", "2"], "not divisible"),
+        (["-g", "0"], "-g 1 is one replica, the CPU on a machine without GPUs"),  # the original: -g 0 on a CPU
         (["--image-size", "16"], "minimum"),
         (["--target-sparsity", "1.5"], "target-sparsity"),
         (["-q", "int4"], "invalid choice"),

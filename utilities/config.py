@@ -230,7 +230,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(self.learning_rate > 0, "--learning-rate must be positive")
         _check(self.patience >= 0, "--patience must be >= 0")
-        _check(self.gpus >= 1, "--gpus must be at least 1")
+        _check(self.gpus >= 1, "--gpus must be at least 1: -g 1 is one replica, the CPU on a machine without GPUs")
         _check(
             self.batch_size % self.gpus == 0, f"--batch-size {self.batch_size} is not divisible by --gpus {self.gpus}"
         )
