@@ -33,21 +33,11 @@ PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run re
 _TYPES = {"int": int, "float": float}  # a flag's type from its field's annotation (other: str)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help already says what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        # An on/off switch has no default worth printing: "--no-augment (default: True)" reads as "on".
-        switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
-        return action.help if switch or "(default" in (action.help or "") else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag declared on a `Config` field, one argument group per section, then -v."""
     parser = OneLineParser(
         prog="cli.py",
         description="Train the image + metadata skin-lesion classifier on a versioned dataset.",
-        formatter_class=_HelpFormatter,
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, title, section in sections():

@@ -17,9 +17,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench import common
+from bench import DEMO_IMAGES, DEMO_SIZE, RESULTS_DIR
+from utilities.errors import OneLineParser
+
+if TYPE_CHECKING:  # bench.common loads TensorFlow: --help does not
+    from bench import common
 
 BENCHMARKS = ("pipeline", "training", "cache", "mfu", "distill", "compression")
 # Settings that keep the whole run near 10 minutes here; --full drops them. Converting DenseNet121
@@ -32,12 +36,14 @@ log = logging.getLogger("bench.all")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.all", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=common.DEMO_IMAGES, help="demo images (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=common.DEMO_SIZE, help="px (default: %(default)s)")
+    parser = OneLineParser(prog="python -m bench.all", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="demo images (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=DEMO_SIZE, help="px (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
     parser.add_argument("--manifest", help="benchmark these shards instead of generating demo data")
-    parser.add_argument("--results", type=Path, default=common.RESULTS_DIR, help="folder for the JSON files")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS_DIR, help="folder for the JSON files (default: bench/results)"
+    )
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="a subset")
     parser.add_argument("--full", action="store_true", help="the benchmarks' own (longer) defaults")
     parser.add_argument("--with-scale", action="store_true", help="also bench.scale (own data, 256 px; ~15 min here)")
@@ -45,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(name: str, argv: list[str], shared: common.BenchData, results: Path) -> dict[str, Any]:
+    from bench import common
+
     module = importlib.import_module(f"bench.{name}")
     args = module.build_parser().parse_args(argv)
     payload = common.measure(name, args, shared, module.run)
@@ -86,6 +94,8 @@ def run_all(args: argparse.Namespace, shared: common.BenchData) -> tuple[dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bench import common  # TensorFlow
+
     start = time.perf_counter()
     try:
         with common.bench_data(args) as shared:

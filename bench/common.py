@@ -26,11 +26,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from bench import DEMO_IMAGES, DEMO_SIZE, RESULTS_DIR
 from utilities import data
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEMO_IMAGES = 640  # synthetic ISIC-layout images (~450 train / ~95 val / ~95 test)
-DEMO_SIZE = 64  # px, stored raw in the shards and fed to the model
 DEMO_SHARD = 100  # records per shard: several train shards, so interleave has work to do
 
 # One measured unit of work: returns the examples it processed, or (examples, seconds) when it times

@@ -103,7 +103,6 @@ def test_single_machine_cpu_job_on_standard_vms():
         (["--dvc-repo", "https://host/r.git?ref=main&private_token=SECRETTOKEN123"], "--git-login-secret"),
         (["--dvc-repo", "https://host/r.git?X-Goog-Signature=SECRETTOKEN123"], "must not carry a token"),
         (["--dvc-repo", "https://host/r.git#access_token=SECRETTOKEN123"], "must not carry a token"),
-        (["--dvc-repo", ""], "--dvc-repo (or $DVC_REPO) is required"),
         (["--accelerator-count", "-1"], "--accelerator-count must be >= 0"),
         (["--accelerator-type", "nvidia t4"], "is not like NVIDIA_TESLA_T4"),
         (["--replica-count", "0"], "--replica-count must be at least 1"),
@@ -151,6 +150,27 @@ def test_help_and_spec_never_show_a_token_from_dvc_repo(monkeypatch, capsys):
     monkeypatch.setenv("DVC_REPO", "https://registry.test/org/env.git")
     assert vertex_submit.main([*base, "--dry-run"]) == 0
     assert '"value": "https://registry.test/org/env.git"' in capsys.readouterr().out
+
+
+def test_without_dvc_repo_the_image_keeps_its_own(monkeypatch, capsys):
+    """The image carries the registry URL (--build-arg DVC_REPO=…): a spec without one sets no DVC_REPO."""
+    monkeypatch.delenv("DVC_REPO", raising=False)
+    base = [arg for arg in BASE if arg not in ("--dvc-repo", "https://registry.test/org/reg.git")]
+    assert vertex_submit.main([*base, "--dry-run"]) == 0
+    (pool,) = json.loads(capsys.readouterr().out)["worker_pool_specs"]
+    assert "env" not in pool["container_spec"]
+    assert spec(dvc_repo="", git_login_secret="login")["worker_pool_specs"][0]["container_spec"]["env"] == [
+        {"name": "GIT_LOGIN_SECRET", "value": "projects/my-project/secrets/login/versions/latest"}
+    ]
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        vertex_submit.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: n1-standard-8)" in out and "(default: None)" not in out
+    assert out.count("(default: dermaid-TAG-TIMESTAMP)") == 1 and "(default: $DVC_REPO; unset" in out
+    assert "(default: False)" not in out
 
 
 def test_missing_required_flag_exits_2(capsys):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utilities import native_log
 from utilities.errors import JobError, OneLineParser, one_line, redact_url
 
 log = logging.getLogger("tools.evaluate")
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--registry",
         default=os.environ.get("DVC_REPO"),
-        help="data registry for --tag ($DVC_REPO; a URL holding a token belongs there: argv is visible to all)",
+        help="data registry for --tag (default: $DVC_REPO; a URL holding a token belongs there: argv is visible to all)",
     )
     parser.add_argument(
         "--output", help="evaluation folder (local or gs://); default evaluations/{model}_{data}_{time}"
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="load a Keras --model even if it holds Python code (Lambda layers, classes from outside tf_keras and "
         "this job), which then runs: only for a model you wrote",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="keep TensorFlow's C++ start-up lines (dropped otherwise)"
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.gallery < 0 or not (args.bootstrap == 0 or args.bootstrap >= 100):
@@ -188,8 +192,11 @@ def evaluate(args: argparse.Namespace) -> Path:
 
     started = now()
     _refuse_existing(args.output)  # before TensorFlow loads: a wrong --output is refused in a blink
-    from utilities import data, report, storage, variant_eval
-    from utilities.predictions import write_predictions
+    with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines dropped
+        from utilities import data, report, storage, variant_eval
+        from utilities.predictions import write_predictions
+
+        native_log.find_devices()
 
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         scratch = Path(tmp)

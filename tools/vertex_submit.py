@@ -126,8 +126,8 @@ def build_job_spec(
         bool(dvc_tag) and not dvc_tag.startswith("-") and not any(c.isspace() for c in dvc_tag),
         f"--dvc-tag {dvc_tag!r} is not a tag",
     )
-    _check(bool(dvc_repo), "--dvc-repo (or $DVC_REPO) is required: the data registry's git URL")
-    _check_repo_url(dvc_repo)
+    if dvc_repo:  # none: the image's own (docker build --build-arg DVC_REPO=…)
+        _check_repo_url(dvc_repo)
     _check(
         all(redact_url(arg) == arg for arg in extra_args),
         "an argument after -- holds a credential in a URL (user:token@ or ?token=); the job spec is readable "
@@ -147,7 +147,7 @@ def build_job_spec(
     machine_spec: dict[str, Any] = {"machine_type": machine_type}
     if gpus:
         machine_spec |= {"accelerator_type": accelerator_type, "accelerator_count": gpus}
-    env = [{"name": "DVC_REPO", "value": dvc_repo}]
+    env = [{"name": "DVC_REPO", "value": dvc_repo}] if dvc_repo else []
     if git_login_secret:
         env.append({"name": "GIT_LOGIN_SECRET", "value": secret_version(project, git_login_secret)})
     if wandb_key_secret:
@@ -157,7 +157,7 @@ def build_job_spec(
     args = [project, bucket, "-", "-", dvc_tag, str(max(gpus, 1))]
     if extra_args:
         args += ["--", *extra_args]
-    container = {"image_uri": image, "args": args, "env": env}
+    container: dict[str, Any] = {"image_uri": image, "args": args, **({"env": env} if env else {})}
 
     def pool(count: int) -> dict[str, Any]:
         return {"machine_spec": dict(machine_spec), "replica_count": count, "container_spec": copy.deepcopy(container)}
@@ -218,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m tools.vertex_submit",
         description="Submit the training image as a Vertex AI custom job. Arguments after -- go to cli.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     job = parser.add_argument_group("Job")
     job.add_argument("--project", required=True, help="Google Cloud project id")
@@ -236,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bucket", required=True, help="GCS bucket: models in gs://B/models, Vertex outputs in gs://B/vertex"
     )
     data.add_argument("--dvc-tag", required=True, help="dataset version tag in the data registry")
-    data.add_argument("--dvc-repo", default=DVC_REPO_FROM_ENV, help="data registry git URL, without credentials")
+    data.add_argument(
+        "--dvc-repo",
+        default=DVC_REPO_FROM_ENV,
+        help="data registry git URL, without credentials (default: $DVC_REPO; unset: the one built into the image)",
+    )
     data.add_argument(
         "--git-login-secret", default=None, help="Secret Manager secret holding user:token for the registry"
     )

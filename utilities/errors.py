@@ -69,9 +69,30 @@ def _redact_one(match: re.Match[str]) -> str:
     return _CREDENTIAL_PARAM.sub(rf"\1{REDACTED}", url)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # An on/off switch has no default worth printing: "--no-augment (default: True)" reads as "on".
+        # No default (None) prints nothing either; a help that names its default keeps its own words.
+        switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+        if switch or action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        # A default read from the environment (DVC_REPO) may hold a token: --help is shown to anyone.
+        return redact_url(super()._expand_help(action))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag or value is one line on stderr (exit 2), not the whole usage first:
-    `cli.py: error: unrecognized arguments: --epoch 3 (see cli.py --help)`."""
+    `cli.py: error: unrecognized arguments: --epoch 3 (see cli.py --help)`; `--help` shows every
+    default (`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {redact_url(message)} (see {self.prog} --help)\n")
