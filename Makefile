@@ -61,4 +61,4 @@ bench: $(VENV)/.synced
 	$(PY) -m bench.all
 
 clean:
-	rm -rf $(DEMO) Versioning .pytest_cache
+	rm -rf $(DEMO) example Versioning .pytest_cache

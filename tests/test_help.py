@@ -26,6 +26,7 @@ def _help(module: str, *python_flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("module", "shown"),
     [
+        ("cli", "(default: 0.99)"),
         ("tools.evaluate", "(default: 1000)"),
         ("tools.prepare", "(default: 500)"),
         ("tools.registry", None),
@@ -37,7 +38,7 @@ def _help(module: str, *python_flags: str) -> subprocess.CompletedProcess:
 def test_help_shows_defaults_once_and_no_token(module, shown):
     out = " ".join(_help(module).stdout.split())  # argparse wraps lines
     assert shown is None or shown in out
-    for noise in ("(default: None)", "(default: False)", "(default: True)", TOKEN):
+    for noise in ("(default: None)", "(default: False)", "(default: True)", "(default: [])", TOKEN):
         assert noise not in out, noise
     assert all(out.count(f"(default: {d}") <= 1 for d in ("$DVC_REPO", "dermaid-TAG"))
 

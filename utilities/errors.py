@@ -74,9 +74,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         # An on/off switch has no default worth printing: "--no-augment (default: True)" reads as "on".
-        # No default (None) prints nothing either; a help that names its default keeps its own words.
+        # Nor has a `-p [BOOL]` flag (off unless given); no default (None, or an empty list: `-q`
+        # repeated zero times) prints nothing either; a help that names its default keeps its own words.
         switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
-        if switch or action.default is None or "(default" in (action.help or ""):
+        switch = switch or isinstance(action.default, bool)
+        if switch or action.default is None or action.default == [] or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
