@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from utilities import native_log
-from utilities.config import Config, ConfigError, Source, sections, source
 from utilities.errors import JobError, OneLineParser, one_line
+from utilities.run.config import Config, sections
+from utilities.run.fields import ConfigError, Source, source
 
 log = logging.getLogger("dermaid")
 PREEMPTED = 75  # EX_TEMPFAIL: try again (with the same --run-id) and the run resumes
@@ -127,14 +128,10 @@ def tracking_choice(flag: bool | None, env: Mapping[str, str]) -> tuple[bool, st
     )
 
 
-def _output(given: str | None, bucket: str | None, env: Mapping[str, str]) -> str | None:
-    return given or (f"gs://{bucket}/models" if bucket else None)  # None: the field's default, ./outputs
-
-
 # Fields whose value is computed from the flag's value (None when not given), the declared variable's
 # value and the environment, instead of "the flag, else the variable".
 DERIVED: dict[str, Callable[[Any, str | None, Mapping[str, str]], Any]] = {
-    "output.output": _output,
+    "output.output": lambda given, bucket, _: given or (f"gs://{bucket}/models" if bucket else None),  # None: ./outputs
     "output.run_id": lambda given, _, env: given or new_run_id(),
     "tracking.enabled": lambda given, _, env: tracking_choice(given, env)[0],
     "tracking.mode": lambda given, _, env: tracking_mode(env),

@@ -10,12 +10,12 @@ backup when the run id was used before) → evaluate → compression variants �
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python training.py …`, the original's entry point: exactly `python cli.py …`
-    import sys
+if __name__ == "__main__":  # `python training.py …`, the original's entry point: exactly `python cli.py …`,
+    # which is run as the script it is (no import: this module is what cli.py imports).
+    import runpy
+    from pathlib import Path
 
-    import cli
-
-    sys.exit(cli.main())
+    runpy.run_path(str(Path(__file__).with_name("cli.py")), run_name="__main__")
 
 import contextlib
 import dataclasses
@@ -29,9 +29,17 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities import data, distribution, feature_cache, records, report, storage, tracking, variant_eval
-from utilities.calibration import calibrate
-from utilities.callbacks import (
+from utilities import storage
+from utilities.data import feature_cache, records
+from utilities.data import pipeline as data
+from utilities.evaluation import comparison, report
+from utilities.evaluation import variants as variant_eval
+from utilities.evaluation.calibration import calibrate
+from utilities.evaluation.predictions import write_predictions
+from utilities.evaluation.variants import VariantResult, most_confident_mistakes
+from utilities.model import build_model, compile_model, fusion_weights, load_model, save_model, save_recalibrated
+from utilities.run import distribution, tracking
+from utilities.run.callbacks import (
     BACKUP_SECONDS,
     Backup,
     Preempted,
@@ -39,10 +47,8 @@ from utilities.callbacks import (
     fit_callbacks,
     resume_position,
 )
-from utilities.config import Config
-from utilities.model import build_model, compile_model, fusion_weights, load_model, save_model, save_recalibrated
-from utilities.predictions import write_predictions
-from utilities.runs import (
+from utilities.run.config import Config
+from utilities.run.folder import (
     RunError,
     RunFolder,
     RunRecord,
@@ -56,7 +62,6 @@ from utilities.runs import (
     remove_checkpoints,
     write_json,
 )
-from utilities.variant_eval import VariantResult, most_confident_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
             model = train(config, datasets, folder, tracker, strategy, watch, record)
             if cluster.is_chief:
                 result.variants = evaluate_variants(config, model, datasets, folder, strategy, tracker, cluster)
-                for line in report.collapse_warnings(result.metrics):
+                for line in comparison.collapse_warnings(result.metrics):
                     log.warning(line)
             watch.check()  # a SIGTERM that a library swallowed still stops the run before it publishes
             record.finished = now()
@@ -310,7 +315,7 @@ def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datas
     written = report.write_report(folder.local, metrics, record, history, gallery=gallery)
     model = metrics["variants"]["model"]
     tracker.log_summary(summary_values(model))
-    tracker.log_table("variants", report.comparison_rows(metrics))
+    tracker.log_table("variants", comparison.comparison_rows(metrics))
     tracker.log_images({p.stem: p for p in folder.local.glob("*.png")})
     tracker.log_model(folder.path("model"), record.model_name, record.data.tag, record.data.manifest_sha256)
     report_hypertune(config, model["val"]["balanced_accuracy"])
@@ -354,8 +359,6 @@ def export_saved_model(model_folder: Path) -> None:
     (the fusion layer comes back as a revived layer, as in the original). ~1 min for DenseNet121 on a CPU:
     Keras traces every layer; `--no-saved-model` skips it where only the .keras file is needed.
     """
-    from utilities.model import load_model
-
     load_model(model_folder).save(str(model_folder), include_optimizer=False, save_format="tf")
 
 

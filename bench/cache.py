@@ -5,7 +5,7 @@
 The job's model with a frozen DenseNet121 (`--freeze-backbone`; the job's default fine-tunes)
 with augmentation off, so `--cache-features auto`
 caches. Uncached epoch: `model.fit` over the shards (train + validation). Cached epoch: the head
-model on cached features (`utilities.feature_cache`), train + validation. Both sides exclude
+model on cached features (`utilities.data.feature_cache`), train + validation. Both sides exclude
 the first epoch (tracing); the one-off cost of building the cache (one inference pass over train
 and val) is reported on its own, with the epochs after which the cache has paid for itself.
 Target: cached epochs ≥ 20× faster.
@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from bench import common
-from utilities import data, feature_cache
+from utilities.data import feature_cache
+from utilities.data import pipeline as data
 from utilities.model import compile_model
 
 SPEEDUP_TARGET = 20.0

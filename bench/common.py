@@ -27,7 +27,7 @@ import tensorflow as tf
 import tf_keras
 
 from bench import DEMO_IMAGES, DEMO_SIZE, RESULTS_DIR
-from utilities import data
+from utilities.data import pipeline as data
 
 DEMO_SHARD = 100  # records per shard: several train shards, so interleave has work to do
 
@@ -278,8 +278,8 @@ RATE_HEADER = ("side", "examples/s (median)", "min", "max", "spread", "note")
 
 def job_model(image_size: int, fine_tune: bool = False, learning_rate: float = 1e-4) -> tf_keras.Model:
     """The job's model as `cli.py` builds it (random weights: no download), compiled; frozen backbone unless fine_tune."""
-    from utilities.config import ModelConfig
     from utilities.model import build_model, compile_model
+    from utilities.run.config import ModelConfig
 
     model = build_model(ModelConfig(weights="none", fine_tune=fine_tune), image_size)
     compile_model(model, learning_rate)

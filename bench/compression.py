@@ -8,7 +8,7 @@ Variants are built with `utilities.compression` (`pruning.prune`, `distillation.
 that pruning needs its zeros, so the pruned copy runs a few steps under its schedule until the target
 sparsity is reached.
 Latency: one example per call, `PREDICT_CALLS` calls per round, every variant round-robin in one
-process; milliseconds per call (median of rounds). Sizes: `utilities.evaluation.artifact_size`.
+process; milliseconds per call (median of rounds). Sizes: `utilities.evaluation.metrics.artifact_size`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import tf_keras
 
 from bench import common
-from utilities import data
+from utilities.data import pipeline as data
 
 PREDICT_CALLS = 10  # batch-1 predictions per measured round
 TARGET_SPARSITY = 0.5  # the job's default --target-sparsity
@@ -45,9 +45,9 @@ def _pruned(model: tf_keras.Model, datasets: data.Datasets) -> tf_keras.Model:
 
 def build_variants(args: argparse.Namespace, datasets: data.Datasets, folder: Path) -> dict[str, tuple[Predict, Path]]:
     """name → (batch predictor, exported artifact)."""
-    from utilities import variant_eval
     from utilities.compression import quantization as mq
     from utilities.compression.distillation import build_student
+    from utilities.evaluation import variants as variant_eval
 
     model = common.job_model(args.image_size, fine_tune=False)
     keras_models = {"model": model}
@@ -77,7 +77,8 @@ def _latency_side(predict: Predict, example: dict[str, Any]) -> common.Side:
 
 
 def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any]:
-    from utilities import evaluation, variant_eval
+    from utilities.evaluation import metrics as evaluation
+    from utilities.evaluation import variants as variant_eval
 
     datasets = data.build_datasets(
         bench_data.shards, image_size=args.image_size, global_batch_size=args.batch_size, seed=0, augment=False

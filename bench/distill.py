@@ -20,7 +20,7 @@ import tensorflow as tf
 import tf_keras
 
 from bench import common
-from utilities import data
+from utilities.data import pipeline as data
 
 RATIO_TARGET = 0.9
 TEMPERATURE, ALPHA = 4.0, 0.1  # the job's defaults (CompressionConfig)
@@ -46,16 +46,10 @@ def _loop_side(loop: Any, train: tf.data.Dataset, strategy: tf.distribute.Strate
 
 
 def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any]:
-    try:
-        from utilities.compression.distillation import (
-            DistillationLoss,
-            Distiller,
-            build_student,
-            class_weight_vector,
-        )
-        from utilities.compression.replica_loop import ReplicaLoop
-    except ImportError as err:  # written in parallel: measure when it exposes what we need
-        return {"skipped": f"utilities.compression lacks the distillation API: {err}"}
+    from utilities.compression.distillation import Distiller, build_student
+    from utilities.compression.losses import DistillationLoss, class_weight_vector
+    from utilities.compression.replica_loop import ReplicaLoop
+
     datasets = data.build_datasets(
         bench_data.shards, image_size=args.image_size, global_batch_size=args.batch_size, seed=0, augment=True
     )
@@ -82,8 +76,6 @@ def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any
 
 
 def report(result: dict[str, Any]) -> str:
-    if "skipped" in result:
-        return f"## Distillation\n\nskipped: {result['skipped']}\n"
     stats = {name: common.Stats(**values) for name, values in result["results"].items()}
     notes = {"fit": "Distiller.fit", "custom_loop": "ReplicaLoop.train_step"}
     rows = [common.rate_row(name, s, notes[name]) for name, s in stats.items()]

@@ -21,8 +21,8 @@ import tensorflow as tf
 import tf_keras
 
 from bench import common
-from utilities import feature_cache
-from utilities.schema import METADATA_SIZE, NUM_CLASSES
+from utilities.data import feature_cache
+from utilities.data.schema import METADATA_SIZE, NUM_CLASSES
 
 MATMUL_N = 2048
 MATMUL_CALLS = 10  # per measured round

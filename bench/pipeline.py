@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.pipeline [--images 640] [--image-size 64] [--batch-size 32]
 
 Sides, run round-robin in one process (examples/s, median of repeats):
-- pipeline: one epoch of `utilities.data.build_datasets(...).train` (shard interleave, parallel
+- pipeline: one epoch of `utilities.data.pipeline.build_datasets(...).train` (shard interleave, parallel
   decode, batch-level augmentation, prefetch), iterated without a model;
 - naive: the original DermAID shape — records read file after file, each example parsed and
   augmented on its own before batching, maps without num_parallel_calls, no interleave, no explicit
@@ -23,9 +23,9 @@ from typing import Any
 import tensorflow as tf
 
 from bench import common
-from utilities import data
-from utilities.augmentation import augment_images
-from utilities.records import parse_example
+from utilities.data import pipeline as data
+from utilities.data.augmentation import augment_images
+from utilities.data.records import parse_example
 
 MARGIN_TARGET = 10.0
 MIN_SIDE_SECONDS = 1.0  # a fast pipeline side repeats whole epochs until at least this long
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any
 
 def report(result: dict[str, Any]) -> str:
     notes = {
-        "pipeline": "utilities.data train split",
+        "pipeline": "utilities.data.pipeline train split",
         "naive": "per-example, no num_parallel_calls, no explicit prefetch (tf.data default optimisations on)",
     }
     return common.rates_report(

@@ -7,7 +7,7 @@ One demo folder of max(--counts) ISIC-sized JPEGs (`tools.demo_data --sizes isic
 4,000 on 2 cores); each N prepares `--limit N` of it. Phases per N, each in its own spawned process so
 that its peak RSS (VmHWM from /proc/self/status, reset between the two halves of the cache phase) is
 measured, not estimated. On all N images: prepare (JPEG → shards) and the label pass
-(`utilities.records.count_labels` over every shard). On a fixed sample, because their cost per image
+(`utilities.data.records.count_labels` over every shard). On a fixed sample, because their cost per image
 is the model's and does not depend on N: feature-cache build (frozen DenseNet121 over `--cache-images`
 train images, after one unmeasured batch), one cached epoch (head only) over N's train count of
 cached rows (the sample's features tiled: the head's cost does not depend on their values), fine-tune
@@ -114,13 +114,13 @@ def phase_prepare(demo: str, out: str, image_size: int, limit: int, seed: int, w
 
 
 def _shards(manifest: str) -> dict[str, list[str]]:
-    from utilities import data
+    from utilities.data import pipeline as data
 
     return data.fetch_shards(data.load_manifest(manifest), Path(manifest).parent / "cache")
 
 
 def phase_labels(manifest: str) -> dict[str, Any]:
-    from utilities.records import count_labels
+    from utilities.data.records import count_labels
 
     shards = _shards(manifest)
     start = time.perf_counter()
@@ -160,7 +160,8 @@ def phase_cache(
     import tensorflow as tf
 
     from bench.common import job_model
-    from utilities import data, feature_cache
+    from utilities.data import feature_cache
+    from utilities.data import pipeline as data
     from utilities.model import compile_model
 
     datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, False, *shuffle_buffer)
@@ -200,7 +201,7 @@ def phase_fine_tune(
     import tf_keras
 
     from bench.common import job_model
-    from utilities import data
+    from utilities.data import pipeline as data
 
     datasets = data.build_datasets(_shards(manifest), image_size, batch_size, 0, True, *shuffle_buffer)
     model = job_model(image_size, fine_tune=True)

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.training [--images 640] [--image-size 64] [--modes frozen fine_tune]
 
 The job's model and data settings (augmentation on, class weights). Side "pipeline": `model.fit`
-for one epoch over `utilities.data.build_datasets(...).train`. Side "in_memory": the same model and
+for one epoch over `utilities.data.pipeline.build_datasets(...).train`. Side "in_memory": the same model and
 `fit`, over one pass of that pipeline's output held in memory as tensors (decoded, augmented, batched
 identically): the input costs nothing. Side "naive": the same `fit` over `bench.pipeline`'s
 original-DermAID-shaped pipeline (no prefetch, so input and training never overlap). Epoch time
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import common
 from bench.pipeline import naive_dataset
-from utilities import data
+from utilities.data import pipeline as data
 
 RATIO_TARGET = 0.95
 

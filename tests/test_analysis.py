@@ -1,4 +1,4 @@
-"""Tests of utilities/analysis.py: bootstrap CIs, calibration, triage and subgroups on small synthetic data.
+"""Tests of utilities/evaluation/analysis.py: bootstrap CIs, calibration, triage and subgroups on small synthetic data.
 
 .venv/bin/python -m pytest tests/test_analysis.py -q
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from utilities import analysis as an
-from utilities import evaluation as ev
-from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SITES, encode_metadata
+from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SITES, encode_metadata
+from utilities.evaluation import analysis as an
+from utilities.evaluation import metrics as ev
 
 MEL, NV, BCC, AK, BKL, DF, VASC, SCC = range(NUM_CLASSES)
 

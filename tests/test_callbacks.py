@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tf_keras
 
-from utilities.callbacks import (
+from utilities.run.callbacks import (
     Backup,
     NanGuard,
     NanLossError,

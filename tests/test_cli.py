@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import cli
-from utilities.config import Config, ConfigError, ModelConfig, sections, source
+from utilities.run.config import Config, ModelConfig, sections
+from utilities.run.fields import ConfigError, source
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tools.demo_data import GROUND_TRUTH_CSV, METADATA_COLUMNS, METADATA_CSV
 from tools.prepare import read_metadata
-from utilities.schema import AGE_BINS, CLASS_NAMES, METADATA_NAMES, SITES
+from utilities.data.schema import AGE_BINS, CLASS_NAMES, METADATA_NAMES, SITES
 
 ORIGINAL_METADATA_COLUMNS = [
     *(f"age_approx_{age}" for age in ("0.0", "10.0", "15.0", "20.0", "25.0", "30.0", "35.0", "40.0", "45.0")),
@@ -108,7 +108,8 @@ def test_an_original_pickle_of_gs_shards_is_downloaded_once(gcs_emulator, prepar
     import logging
     import pickle
 
-    from utilities import data, storage
+    from utilities import storage
+    from utilities.data import pipeline as data
 
     bucket = gcs_emulator.make_bucket("original-bucket")
     pickled = {}
@@ -123,7 +124,7 @@ def test_an_original_pickle_of_gs_shards_is_downloaded_once(gcs_emulator, prepar
 
     def fetch() -> tuple[dict[str, list[str]], str]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="utilities.data"):
+        with caplog.at_level(logging.INFO, logger="utilities.data.pipeline"):
             local = data.fetch_shards(data.load_manifest(tmp_path / "versioned_paths.pickle"), tmp_path / "cache")
         return local, caplog.text
 
@@ -177,8 +178,8 @@ def _readme_recipe() -> str:
 def test_the_readme_recipe_for_an_original_client_runs_on_a_model_of_this_job(tmp_path):
     """Original clients fed pixels / 255: multiplied back they get this model's answer, and Grad-CAM's layer
     (nested in "densenet121") gives a class-activation map through the model's own image branch."""
-    from utilities.config import ModelConfig
     from utilities.model import build_model, save_model
+    from utilities.run.config import ModelConfig
 
     model = build_model(ModelConfig(weights="none", fcnn_nodes=16), 64)  # 64 px: a 2×2 last feature map
     path = save_model(model, tmp_path)

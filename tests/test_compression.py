@@ -20,11 +20,15 @@ import pytest
 import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Keras 2
 import tf_keras
 
-from utilities import compression, evaluation, variant_eval
-from utilities.compression import distillation, pruning, replica_loop
-from utilities.config import CompressionConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from utilities import compression
+from utilities.compression import distillation, losses, pruning, replica_loop
+from utilities.errors import CompressionError
+from utilities.evaluation import metrics as evaluation
+from utilities.evaluation import variants as variant_eval
 from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model, save_model
-from utilities.runs import RunFolder
+from utilities.run.config import CompressionConfig, Config, DataConfig, ModelConfig, TrainConfig
+from utilities.run.fields import ConfigError
+from utilities.run.folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # pixels
@@ -35,7 +39,7 @@ SIZE = 32  # pixels
 
 @dataclass
 class ToyDatasets:
-    """Shaped like utilities.data.Datasets: batches of ({"image", "metadata"}, one-hot)."""
+    """Shaped like utilities.data.pipeline.Datasets: batches of ({"image", "metadata"}, one-hot)."""
 
     train: tf.data.Dataset
     val: tf.data.Dataset
@@ -125,7 +129,7 @@ def fine_tuned_tiny_model(datasets: ToyDatasets, learning_rate: float, epochs: i
 
 
 class ListTracker:
-    """Stand-in for utilities.tracking.Tracker: keeps the logged rows."""
+    """Stand-in for utilities.run.tracking.Tracker: keeps the logged rows."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
@@ -199,7 +203,7 @@ def test_pruning_schedule_reaches_the_target_on_its_last_mask_update():
         should_prune, sparsity = schedule(tf.constant(schedule.end_step, tf.int64))
         assert bool(should_prune) and float(sparsity) == pytest.approx(0.6)
         assert 1 <= schedule.end_step <= total * pruning.PRUNE_RAMP
-    with pytest.raises(pruning.CompressionError, match="at least 2 training steps"):
+    with pytest.raises(CompressionError, match="at least 2 training steps"):
         pruning.pruning_schedule(0.5, 1)
 
 
@@ -232,7 +236,7 @@ def test_a_mixed_precision_model_is_pruned_in_float32_and_pruning_and_distillati
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     assert pruning.overall_sparsity(stripped, layer_ids) == pytest.approx(0.5, abs=0.01)
 
-    loss_fn = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(3.0, 0.3, losses.class_weight_vector(datasets.class_weights))
     summary = distillation.train_student(
         student(), model, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=1, patience=0,
         checkpoint_dir=tmp_path, tracker=ListTracker(), jit=True,
@@ -305,11 +309,11 @@ def test_distillation_loss_combines_softened_kl_and_weighted_hard_labels():
     teacher = tf.nn.softmax(tf.constant(np.random.default_rng(0).normal(size=(2, 8)), tf.float32))
     student_probs = tf.nn.softmax(tf.constant(np.random.default_rng(1).normal(size=(2, 8)), tf.float32))
     weights = [2.0, 1, 3.0, 1, 1, 1, 1, 1]
-    hard = distillation.DistillationLoss(4.0, 1.0, weights)(labels, teacher, student_probs).numpy()
+    hard = losses.DistillationLoss(4.0, 1.0, weights)(labels, teacher, student_probs).numpy()
     expected_hard = -np.log(student_probs.numpy()[[0, 1], [0, 2]]) * np.array([2.0, 3.0])
     np.testing.assert_allclose(hard, expected_hard, rtol=1e-5)
     # Soft term: KL between p^(1/T)-normalised distributions, times T², zero when student == teacher.
-    soft = distillation.DistillationLoss(4.0, 0.0, weights)
+    soft = losses.DistillationLoss(4.0, 0.0, weights)
     assert np.allclose(soft(labels, teacher, teacher).numpy(), 0.0, atol=1e-6)
     p_t = teacher.numpy() ** 0.25 / (teacher.numpy() ** 0.25).sum(1, keepdims=True)
     p_s = student_probs.numpy() ** 0.25 / (student_probs.numpy() ** 0.25).sum(1, keepdims=True)
@@ -324,7 +328,7 @@ def test_distiller_and_replica_loop_share_one_loss_and_update():
     datasets = toy_datasets(n_train=16, n_eval=16)
     batch = next(iter(datasets.train))
     teacher = student(filters=4, seed=1)
-    loss_fn = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(3.0, 0.3, losses.class_weight_vector(datasets.class_weights))
     keras_student, loop_student = student(), student()  # same seed: same initial weights
     loop_student.set_weights(keras_student.get_weights())
 
@@ -348,7 +352,7 @@ def test_mixed_precision_student_outputs_float32_and_both_paths_scale_the_loss(m
     Adam would leave the weights where they are); with scaling both training paths move them alike."""
     datasets = toy_datasets(n_train=16, n_eval=16)
     batch = next(iter(datasets.train))
-    real = distillation.DistillationLoss(3.0, 0.3, distillation.class_weight_vector(datasets.class_weights))
+    real = losses.DistillationLoss(3.0, 0.3, losses.class_weight_vector(datasets.class_weights))
 
     def tiny_loss(labels, teacher_probs, student_probs):
         return 1e-5 * real(labels, teacher_probs, student_probs)
@@ -361,7 +365,7 @@ def test_mixed_precision_student_outputs_float32_and_both_paths_scale_the_loss(m
     assert keras_student(batch[0], training=False).dtype == tf.float32  # the fusion layer stays float32
     before = conv.kernel.numpy().copy()
     with tf.GradientTape() as tape:  # the premise: unscaled, every gradient of the first conv is 0
-        loss, _ = distillation.batch_loss(keras_student, teacher, tiny_loss, batch[0], batch[1], None, True)
+        loss, _ = losses.batch_loss(keras_student, teacher, tiny_loss, batch[0], batch[1], None, True)
     assert not np.any(tape.gradient(loss, conv.kernel).numpy())
 
     distiller = distillation.Distiller(keras_student, teacher, tiny_loss)
@@ -390,7 +394,7 @@ def test_student_batchnorm_statistics_settle_within_a_short_run(tmp_path):
     while train accuracy rose to 0.89); with the student's 0.9 it is ~12 % off."""
     datasets = toy_datasets(n_train=128, n_eval=16)  # 8 steps per epoch
     pupil = student()
-    loss_fn = distillation.DistillationLoss(1.0, 1.0, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(1.0, 1.0, losses.class_weight_vector(datasets.class_weights))
     distillation.train_student(
         pupil, None, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=3, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=ListTracker(),
@@ -409,7 +413,7 @@ def test_distiller_keeps_teacher_fixed_logs_epochs_and_saves_a_reloadable_studen
     teacher = trained_tiny_model(datasets)
     before = snapshot(teacher)
     pupil, tracker = student(), ListTracker()
-    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(4.0, 0.1, losses.class_weight_vector(datasets.class_weights))
     summary = distillation.train_student(
         pupil, teacher, loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=tracker,
@@ -430,7 +434,7 @@ def test_replica_loop_checkpoints_each_epoch_and_a_rerun_resumes(tmp_path):
     datasets = toy_datasets(n_train=64, n_eval=32)
     teacher = student(filters=4, seed=1)
     before = snapshot(teacher)
-    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(4.0, 0.1, losses.class_weight_vector(datasets.class_weights))
     common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path / "ckpt", force_loop=True)
 
     first = distillation.train_student(student(), teacher, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
@@ -443,7 +447,7 @@ def test_replica_loop_checkpoints_each_epoch_and_a_rerun_resumes(tmp_path):
     assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
     assert [row["student/epoch"] for row in tracker.rows] == [1]  # only the missing epoch ran
     assert unchanged(before, teacher)
-    with pytest.raises(replica_loop.CompressionError, match="does not match this student and optimizer"):
+    with pytest.raises(CompressionError, match="does not match this student and optimizer"):
         distillation.train_student(student(filters=4), teacher, loss_fn, datasets, epochs=3, tracker=tracker, **common)
 
 
@@ -451,12 +455,12 @@ def test_resuming_a_float32_loop_checkpoint_with_mixed_precision_fails_in_one_li
     from utilities.model import float32_policy
 
     datasets = toy_datasets(n_train=16, n_eval=16)
-    weights = distillation.class_weight_vector(datasets.class_weights)
-    loss_fn = distillation.DistillationLoss(4.0, 1.0, weights)  # no teacher
+    weights = losses.class_weight_vector(datasets.class_weights)
+    loss_fn = losses.DistillationLoss(4.0, 1.0, weights)  # no teacher
     common = dict(strategy=tf.distribute.get_strategy(), patience=0, checkpoint_dir=tmp_path, force_loop=True)
     with float32_policy():  # written without loss scaling
         distillation.train_student(student(), None, loss_fn, datasets, epochs=1, tracker=ListTracker(), **common)
-    with pytest.raises(replica_loop.CompressionError, match="does not match this student and optimizer") as caught:
+    with pytest.raises(CompressionError, match="does not match this student and optimizer") as caught:
         distillation.train_student(student(), None, loss_fn, datasets, epochs=2, tracker=ListTracker(), **common)
     assert "\n" not in str(caught.value)
 
@@ -465,7 +469,7 @@ def test_resuming_a_float32_loop_checkpoint_with_mixed_precision_fails_in_one_li
 def test_replica_loop_stops_early_and_restores_the_best_student(tmp_path):
     datasets = toy_datasets(n_train=64, n_eval=32)
     pupil = student()
-    loss_fn = distillation.DistillationLoss(1.0, 1.0, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(1.0, 1.0, losses.class_weight_vector(datasets.class_weights))
     strategy = tf.distribute.get_strategy()
     loop = replica_loop.ReplicaLoop(pupil, None, loss_fn, strategy, learning_rate=0.05)  # a noisy climb
     scores: list[float] = []
@@ -485,8 +489,8 @@ def test_replica_loop_stops_early_and_restores_the_best_student(tmp_path):
 
 @pytest.mark.slow
 def test_student_epochs_reach_the_wandb_offline_history(tmp_path, monkeypatch):
-    from utilities import tracking
-    from utilities.config import TrackingConfig
+    from utilities.run import tracking
+    from utilities.run.config import TrackingConfig
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     datasets = toy_datasets(n_train=32, n_eval=16)
@@ -494,7 +498,7 @@ def test_student_epochs_reach_the_wandb_offline_history(tmp_path, monkeypatch):
         TrackingConfig(enabled=True, mode="offline", wandb_dir=str(tmp_path)), "student-test", "run1", {}, is_chief=True
     )
     tracker.log({"epoch/loss": 1.0})  # the main fit already advanced W&B's step
-    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(4.0, 0.1, losses.class_weight_vector(datasets.class_weights))
     distillation.train_student(
         student(), student(seed=1), loss_fn, datasets, strategy=tf.distribute.get_strategy(), epochs=2, patience=0,
         checkpoint_dir=tmp_path / "ckpt", tracker=tracker, force_loop=True,
@@ -519,7 +523,7 @@ _TWO_REPLICAS = textwrap.dedent(
     import json, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from utilities import distribution
+    from utilities.run import distribution
     distribution.configure_devices(2)  # before any TensorFlow op
     import tensorflow as tf
     from tests.test_compression import ListTracker, run_folder, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
@@ -541,7 +545,7 @@ _TWO_REPLICAS = textwrap.dedent(
     # The per-replica distillation loop, with its batch-size hook.
     with strategy.scope():
         student = distillation.build_student(32, 8, 0.0)
-    loss_fn = distillation.DistillationLoss(4.0, 0.1, distillation.class_weight_vector(datasets.class_weights))
+    loss_fn = losses.DistillationLoss(4.0, 0.1, losses.class_weight_vector(datasets.class_weights))
     loop = replica_loop.ReplicaLoop(student, teacher, loss_fn, strategy, 1e-3)
     logs = []
     summary = loop.fit(datasets, 2, 0, Path({tmp!r}) / "loop", lambda epoch, row: logs.append(row))
@@ -674,11 +678,11 @@ def test_distilled_and_scratch_students_both_learn(tmp_path, record_property):
     """Student vs teacher vs the same student from scratch (alpha=1, no teacher); numbers for the report."""
     datasets = toy_datasets(n_train=192, n_eval=96)
     teacher = trained_tiny_model(datasets, epochs=4)
-    weights = distillation.class_weight_vector(datasets.class_weights)
+    weights = losses.class_weight_vector(datasets.class_weights)
     common = dict(strategy=tf.distribute.get_strategy(), epochs=4, patience=0, tracker=ListTracker())
     distilled, scratch = student(filters=16), student(filters=16)
     for pupil, mentor, alpha, folder in ((distilled, teacher, 0.1, "d"), (scratch, None, 1.0, "s")):
-        loss_fn = distillation.DistillationLoss(4.0, alpha, weights)
+        loss_fn = losses.DistillationLoss(4.0, alpha, weights)
         distillation.train_student(pupil, mentor, loss_fn, datasets, checkpoint_dir=tmp_path / folder, **common)
 
     def score(model: tf_keras.Model) -> float:

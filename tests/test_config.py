@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from utilities.config import Config, ConfigError
+from utilities.run.config import Config
+from utilities.run.fields import ConfigError
 
 
 def _compression(**fields) -> Config:

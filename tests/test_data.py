@@ -19,12 +19,12 @@ from PIL import Image
 
 from tests.fixtures.data import Prepared
 from tools.demo_data import IMAGE_DIR, METADATA_CSV
-from utilities import data
-from utilities.augmentation import Augmentation, augment_images
-from utilities.data import DataError, build_datasets, fetch_shards, load_manifest
-from utilities.records import parse_batches, parse_example, shards_are_raw
-from utilities.schema import CLASS_NAMES, SPLITS, encode_metadata, one_hot
-from utilities.shards import file_sha256, verify_shard
+from utilities.data import pipeline as data
+from utilities.data.augmentation import Augmentation, augment_images
+from utilities.data.pipeline import DataError, build_datasets, fetch_shards, load_manifest
+from utilities.data.records import parse_batches, parse_example, shards_are_raw
+from utilities.data.schema import CLASS_NAMES, SPLITS, encode_metadata, one_hot
+from utilities.data.shards import file_sha256, verify_shard
 
 
 def _example(image: bytes, metadata: list[int], label: list[int]) -> bytes:
@@ -398,7 +398,7 @@ def test_the_shuffle_buffer_holds_at_most_its_memory_in_records(tmp_path, caplog
         shards[-1].write_bytes(bytes(size))
     mb = 2**20
     assert data.shuffle_records(shards, 100, 2048, None) == 2048  # no memory bound
-    caplog.set_level(logging.INFO, logger="utilities.data")
+    caplog.set_level(logging.INFO, logger="utilities.data.pipeline")
     assert data.shuffle_records(shards, 100, 2048, 40_000 / mb) == 10  # 40,000 bytes: 10 records of 4,000
     assert "shuffle buffer: 10 records" in caplog.text and "--shuffle-buffer 2048" in caplog.text
     assert data.shuffle_records(shards, 100, 5, 40_000 / mb) == 5  # the record count binds first

@@ -20,11 +20,12 @@ import pytest
 import tensorflow as tf
 
 from tests.fixtures.data import Prepared
-from utilities import records, storage
-from utilities.data import DataError, build_datasets, fetch_shards, load_manifest
-from utilities.manifest import MAX_BYTES
-from utilities.schema import METADATA_SIZE, NUM_CLASSES, SPLITS, one_hot
-from utilities.shards import file_sha256
+from utilities import storage
+from utilities.data import records
+from utilities.data.manifest import MAX_BYTES
+from utilities.data.pipeline import DataError, build_datasets, fetch_shards, load_manifest
+from utilities.data.schema import METADATA_SIZE, NUM_CLASSES, SPLITS, one_hot
+from utilities.data.shards import file_sha256
 
 SIDE = 4  # px of the records written here
 DIGEST = "ab" * 32
@@ -198,7 +199,7 @@ def test_a_record_changed_after_the_check_fails_the_pipeline_and_the_feature_cac
 ) -> None:
     import tf_keras
 
-    from utilities import feature_cache
+    from utilities.data import feature_cache
 
     splits = _splits(tmp_path)
     built = build_datasets(splits, image_size=SIDE, global_batch_size=4, seed=0)

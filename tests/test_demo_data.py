@@ -26,7 +26,7 @@ from tools.demo_data import (
     make_rows,
     write_demo,
 )
-from utilities.schema import CLASS_NAMES
+from utilities.data.schema import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 

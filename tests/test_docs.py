@@ -10,6 +10,14 @@ from pathlib import Path
 import cli
 
 ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = (
+    "utilities",
+    "utilities/run",
+    "utilities/data",
+    "utilities/evaluation",
+    "utilities/compression",
+    "tools",
+)
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
 
 
@@ -54,19 +62,19 @@ def test_readme_code_layout_names_every_module():
     layout = text[text.index("- Code layout") :]
     layout = layout[: layout.index("\n- ", 3) if "\n- " in layout[3:] else None]
     named = set(re.findall(r"`([\w/]+)`", layout))
-    for folder in ("utilities", "utilities/compression", "tools"):
+    for folder in FOLDERS:
         missing = _modules(folder) - named
         assert not missing, f"README's code layout misses {folder}: {sorted(missing)}"
-    assert {"compression/", "bench/"} <= named
+    assert {"run/", "data/", "evaluation/", "compression/", "bench/"} <= named
 
 
 def test_design_tree_names_every_module():
     tree = _section(ROOT / "docs/DESIGN.md", "## 3. Architecture")
     listed = set(re.findall(r"^\s*([\w]+)\.py\b", tree, flags=re.M))
-    for folder in ("utilities", "utilities/compression", "tools"):
+    for folder in FOLDERS:
         missing = _modules(folder) - listed
         assert not missing, f"DESIGN §3 misses {folder}: {sorted(missing)}"
-    everything = _modules("utilities") | _modules("utilities/compression") | _modules("tools") | {"cli", "training"}
+    everything = set().union(*map(_modules, FOLDERS)) | {"cli", "training"}
     assert listed - everything == set(), "DESIGN §3 lists modules that do not exist"
 
 

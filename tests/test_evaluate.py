@@ -21,8 +21,8 @@ import tf_keras
 import utilities.model  # noqa: F401  (registers the FusionLayer for plain load_model)
 from tools import evaluate
 from tools.prepare import MANIFEST_NAME, prepare
-from utilities import records
-from utilities.schema import CLASS_NAMES
+from utilities.data import records
+from utilities.data.schema import CLASS_NAMES
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scored_run")]  # one worker makes the session's scored_run
 
@@ -97,7 +97,7 @@ def test_calibration_is_folded_into_the_exported_model_and_its_tflite_conversion
 
 
 def _val_batches(result, run_dir: Path):
-    from utilities import data
+    from utilities.data import pipeline as data
 
     shards = data.fetch_shards(data.load_manifest(result.record.data.manifest), run_dir / "shards")
     return data.build_eval_data(shards, 32, 32).val

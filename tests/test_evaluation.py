@@ -1,4 +1,4 @@
-"""Tests of utilities/evaluation.py: metrics against hand-computed values, agreement, sizes, latency (report: test_report.py).
+"""Tests of utilities/evaluation/metrics.py: metrics against hand-computed values, agreement, sizes, latency (report: test_report.py).
 
 .venv/bin/python -m pytest tests/test_evaluation.py -q
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from utilities import evaluation as ev
-from utilities.schema import CLASS_NAMES, NUM_CLASSES
+from utilities.data.schema import CLASS_NAMES, NUM_CLASSES
+from utilities.evaluation import metrics as ev
 
 NAMES = ("A", "B", "C", "D")  # D never occurs in y_true nor in the predictions
 

@@ -14,9 +14,11 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from utilities import data, feature_cache
-from utilities.config import Config, ConfigError, ModelConfig
+from utilities.data import feature_cache
+from utilities.data import pipeline as data
 from utilities.model import build_model, compile_model
+from utilities.run.config import Config, ModelConfig
+from utilities.run.fields import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # px: DenseNet121's minimum keeps the backbone cheap
@@ -233,8 +235,9 @@ import numpy as np, tensorflow as tf
 import utilities
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from utilities import data, feature_cache
-from utilities.config import ModelConfig
+from utilities.data import pipeline as data
+from utilities.data import feature_cache
+from utilities.run.config import ModelConfig
 from utilities.model import build_model, compile_model
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():

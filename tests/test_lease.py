@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from utilities import lease, runs, storage
-from utilities.config import Config, DataConfig, OutputConfig
+from utilities import storage
+from utilities.run import folder as runs
+from utilities.run import lease
+from utilities.run.config import Config, DataConfig, OutputConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "dermaid-lease"
@@ -107,8 +109,8 @@ def assert_one_winner(results: list[tuple[int, str]]) -> list[str]:
 def test_two_processes_opening_one_run_folder_at_once_exactly_one_wins(tmp_path):
     out = tmp_path / "out"
     snippet = f"""
-        from utilities import runs
-        from utilities.config import Config, OutputConfig
+        from utilities.run import folder as runs
+        from utilities.run.config import Config, OutputConfig
         config = Config(output=OutputConfig(output={str(out)!r}, model_name="m", run_id="r1"))
         held = runs.open_run_folder(config, is_chief=True)
     """
@@ -320,7 +322,7 @@ def test_the_proxy_enforces_preconditions_as_gcs_does(on_gcs):
 
 def test_two_processes_claiming_one_gcs_run_at_once_exactly_one_wins(on_gcs, tmp_path):
     snippet = f"""
-        from utilities import lease
+        from utilities.run import lease
         held = lease.acquire("gs://{BUCKET}/race/m/r1", "rerun the same command with --run-id r1 to resume")
     """
     assert_one_winner(run_claimants(snippet, 3, tmp_path, env={"STORAGE_EMULATOR_HOST": on_gcs.host}))
@@ -424,7 +426,7 @@ def test_a_second_cli_run_with_a_run_id_in_use_is_refused_at_once(prepared, tmp_
     run_dir = tmp_path / "out" / "m" / "r1"
     holder = f"""
 import sys
-from utilities import lease
+from utilities.run import lease
 held = lease.acquire({str(run_dir)!r}, "advice")
 print("held", flush=True)
 sys.stdin.read()

@@ -12,8 +12,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from utilities import runs, storage
-from utilities.runs import RunFolder
+from utilities import storage
+from utilities.run import folder as runs
+from utilities.run.folder import RunFolder
 
 
 def backups(folder: Path) -> Path:
@@ -28,7 +29,7 @@ def test_a_complete_runs_checkpoints_are_removed_and_its_outputs_kept(tmp_path, 
     folder = RunFolder(local=tmp_path / "m" / "r1", uri=str(tmp_path / "m" / "r1"), publish=True)
     backups(folder.checkpoints)
     (folder.path("run.json")).write_text("{}")
-    with caplog.at_level(logging.INFO, logger="utilities.runs"):
+    with caplog.at_level(logging.INFO, logger="utilities.run.folder"):
         assert runs.remove_checkpoints(folder) is True
     assert sorted(p.name for p in folder.local.iterdir()) == ["run.json"]
     assert "removed the training backups" in caplog.text and "--keep-checkpoints keeps them" in caplog.text
@@ -52,7 +53,7 @@ def test_a_failed_removal_is_a_warning_and_the_run_stays_complete(tmp_path, monk
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(shutil, "rmtree", refuse)
-    with caplog.at_level(logging.WARNING, logger="utilities.runs"):
+    with caplog.at_level(logging.WARNING, logger="utilities.run.folder"):
         assert runs.remove_checkpoints(folder) is False
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "\n" not in record.getMessage()

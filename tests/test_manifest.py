@@ -30,9 +30,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utilities import manifest as mf
-from utilities.manifest import ManifestError, parse, read_file
-from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
+from utilities.data import manifest as mf
+from utilities.data.manifest import ManifestError, parse, read_file
+from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SECONDS = 1.0

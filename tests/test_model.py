@@ -8,7 +8,6 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from utilities.config import ModelConfig
 from utilities.model import (
     BalancedAccuracy,
     FusionLayer,
@@ -20,6 +19,7 @@ from utilities.model import (
     load_model,
     save_model,
 )
+from utilities.run.config import ModelConfig
 
 
 def _batch(n=8, size=32, seed=0):

@@ -20,9 +20,9 @@ from tests.fixtures.data import Prepared
 from tools import prepare as prep
 from tools.demo_data import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV
 from tools.prepare import MANIFEST_NAME, PrepareError, prepare
-from utilities.data import load_manifest
-from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
-from utilities.shards import file_sha256, verify_shard
+from utilities.data.pipeline import load_manifest
+from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
+from utilities.data.shards import file_sha256, verify_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -348,7 +348,7 @@ def test_command_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 
 @pytest.mark.slow
 def test_gcs_output_then_fetch_into_cache(demo_dir: Path, tmp_path: Path, gcs_emulator: Any) -> None:
-    from utilities.data import fetch_shards
+    from utilities.data.pipeline import fetch_shards
 
     bucket = gcs_emulator.make_bucket("prepare-test")
     out = f"gs://{bucket}/data_v01"

@@ -24,7 +24,7 @@ from tests.fixtures.data import Prepared
 from tests.test_data_trust import _example
 from tests.test_model_trust import _payload_model
 from tests.test_prepare_trust import _claim_size, _jpeg, _labelled_image
-from utilities.schema import NUM_CLASSES
+from utilities.data.schema import NUM_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--weights", "none", "--image-size", "32", "-b", "8", "-e", "1", "--no-tracking", "--run-id", "r1"]
@@ -100,7 +100,7 @@ def two_hot_label(tmp, prepared, demo):
 
 
 def run_id_in_use(tmp, prepared, demo):
-    from utilities import lease
+    from utilities.run import lease
 
     out = tmp / "out"
     held = lease.acquire(str(out / "base_model" / "r1"), "advice")  # a live holder: this very process

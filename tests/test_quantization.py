@@ -11,9 +11,9 @@ import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Ke
 import tf_keras
 
 from tests.test_compression import SIZE, toy_datasets
-from utilities import variant_eval
 from utilities.compression import distillation
 from utilities.compression import quantization as mq
+from utilities.evaluation import variants as variant_eval
 from utilities.model import compile_model
 
 

@@ -26,9 +26,9 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utilities.data import DataError, fetch_shards, load_manifest
-from utilities.schema import one_hot
-from utilities.shards import verify_shard
+from utilities.data.pipeline import DataError, fetch_shards, load_manifest
+from utilities.data.schema import one_hot
+from utilities.data.shards import verify_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = {"inputs": 0, "valid": 0, "refused": 0, "max_seconds": 0.0}

@@ -1,4 +1,4 @@
-"""Tests of utilities/report.py: report.md sections and figures, from old and analysis-rich metrics.json.
+"""Tests of utilities/evaluation/report.py: report.md sections and figures, from old and analysis-rich metrics.json.
 
 .venv/bin/python -m pytest tests/test_report.py -q
 """
@@ -11,14 +11,16 @@ import re
 import numpy as np
 import pytest
 
-from utilities import evaluation as ev
-from utilities import report as rp
-from utilities.runs import DataRecord, RunRecord
-from utilities.schema import CLASS_NAMES, SITES
+from utilities.data.schema import CLASS_NAMES, SITES
+from utilities.evaluation import comparison as cmp
+from utilities.evaluation import figures as fg
+from utilities.evaluation import metrics as ev
+from utilities.evaluation import report as rp
+from utilities.run.folder import DataRecord, RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("A", "B", "C", "D")  # D never occurs in y_true nor in the predictions
-NEW_FIGURES = (rp.RELIABILITY_PNG, rp.SUBGROUPS_PNG, rp.ERROR_GALLERY_PNG)
+NEW_FIGURES = (fg.RELIABILITY_PNG, fg.SUBGROUPS_PNG, fg.ERROR_GALLERY_PNG)
 
 
 def _probs_for(predicted: list[int], num_classes: int = len(NAMES)) -> np.ndarray:
@@ -60,14 +62,14 @@ def _metrics() -> dict:
 
 def test_plots_write_pngs(tmp_path):
     cm = [[5, 1, 0, 0], [0, 3, 2, 0], [0, 0, 4, 0], [0, 0, 0, 0]]  # last class without support
-    _assert_png(rp.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"))
+    _assert_png(fg.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"))
     history = {"loss": [1.0, 0.7], "val_loss": [1.1, 0.9], "accuracy": [0.5, 0.6], "balanced_accuracy": [0.3, None]}
-    _assert_png(rp.plot_training_curves(history, tmp_path / "sub" / "curves.png"))
-    _assert_png(rp.plot_training_curves({}, tmp_path / "empty.png"))  # resumed run without history
+    _assert_png(fg.plot_training_curves(history, tmp_path / "sub" / "curves.png"))
+    _assert_png(fg.plot_training_curves({}, tmp_path / "empty.png"))  # resumed run without history
 
 
 def test_comparison_rows_are_flat_and_tolerate_missing_keys():
-    rows = rp.comparison_rows(_metrics())
+    rows = cmp.comparison_rows(_metrics())
     assert [r["variant"] for r in rows] == ["model", "int8"]
     assert rows[0]["test_balanced_accuracy"] == pytest.approx(13 / 18)
     assert rows[0]["latency_ms_median"] == 41.5 and rows[0]["latency_ms_p90"] == 44.0
@@ -128,14 +130,14 @@ def test_a_variant_answering_one_class_is_flagged_with_its_agreement(tmp_path):
     assert (constant["top_class"], constant["top_class_share"]) == ("B", 1.0)
     metrics = _metrics()
     metrics["variants"]["int8"] = {"val": constant, "agreement": 1.0}  # "agreement" with a constant model
-    (line,) = rp.collapse_warnings(metrics)
+    (line,) = cmp.collapse_warnings(metrics)
     assert (
         line
         == "int8 predicts B for 100% of val (balanced accuracy 0.250); its agreement 1.000 with the float model means as little"
     )
     text = rp.write_report(tmp_path, metrics, None, {}).read_text()
     assert f"> **Warning:** {line}." in text
-    assert rp.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag
+    assert cmp.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag
 
 
 # ── metrics.json with the analysis keys (intervals, calibration, triage, subgroups) ────────────
@@ -264,10 +266,10 @@ def rich_report(tmp_path_factory):
 def test_every_linked_figure_is_written(rich_report):
     run_dir, text = rich_report
     linked = _linked_pngs(text)
-    assert set(linked) == {*NEW_FIGURES, rp.CONFUSION_MATRIX_PNG, rp.TRAINING_CURVES_PNG}
+    assert set(linked) == {*NEW_FIGURES, fg.CONFUSION_MATRIX_PNG, fg.TRAINING_CURVES_PNG}
     for name in linked:
         _assert_png(run_dir / name)
-    assert text.index(rp.ERROR_GALLERY_PNG) < text.index(rp.CONFUSION_MATRIX_PNG)  # first in Figures
+    assert text.index(fg.ERROR_GALLERY_PNG) < text.index(fg.CONFUSION_MATRIX_PNG)  # first in Figures
     assert "test mistakes it was most sure about" in text
 
 
@@ -280,7 +282,7 @@ def test_headline_shows_intervals_and_what_they_are(rich_report):
 
 
 def test_comparison_rows_carry_intervals_and_ece():
-    row = rp.comparison_rows(analysis_metrics())[0]
+    row = cmp.comparison_rows(analysis_metrics())[0]
     assert row["test_balanced_accuracy_ci95_low"] == pytest.approx(0.611)
     assert row["test_balanced_accuracy_ci95_high"] == pytest.approx(0.8)
     assert row["test_macro_auc_ci95_low"] == pytest.approx(0.856)
@@ -330,16 +332,16 @@ def test_small_subgroups_are_not_compared(tmp_path):
             stats["n"] = 10
     text = rp.write_report(tmp_path, metrics, None, {}).read_text()
     assert "No attribute has two groups with ≥ 20 test images" in text
-    _assert_png(tmp_path / rp.SUBGROUPS_PNG)
+    _assert_png(tmp_path / fg.SUBGROUPS_PNG)
 
 
 def test_gallery_is_written_only_when_given(tmp_path):
     metrics = analysis_metrics()
     text = rp.write_report(tmp_path, metrics, None, {}, gallery=[]).read_text()
-    assert rp.ERROR_GALLERY_PNG not in text and not (tmp_path / rp.ERROR_GALLERY_PNG).exists()
-    _assert_png(rp.plot_error_gallery(_gallery(3), tmp_path / "g.png", columns=2))
+    assert fg.ERROR_GALLERY_PNG not in text and not (tmp_path / fg.ERROR_GALLERY_PNG).exists()
+    _assert_png(fg.plot_error_gallery(_gallery(3), tmp_path / "g.png", columns=2))
     with pytest.raises(ValueError, match="at least one item"):
-        rp.plot_error_gallery([], tmp_path / "none.png")
+        fg.plot_error_gallery([], tmp_path / "none.png")
 
 
 def test_sections_without_their_data_are_left_out(tmp_path):
@@ -359,17 +361,17 @@ def test_sections_without_their_data_are_left_out(tmp_path):
 def test_reliability_grid_wraps_after_four_variants(tmp_path):
     panels = rp._reliability_panels(analysis_metrics(extra_variants=3))  # model, int8, pruned_0..2: 2 rows of 4
     assert list(panels) == ["model", "int8", "pruned_0", "pruned_1", "pruned_2"]  # not the failed variant
-    _assert_png(rp.plot_reliability(panels, tmp_path / "reliability.png"))
+    _assert_png(fg.plot_reliability(panels, tmp_path / "reliability.png"))
 
 
 def test_best_epoch_is_the_first_of_the_highest_val_scores():
-    assert rp._best_epoch([0.2, 0.5, None, 0.5, 0.4]) == 2  # 1-based; ties keep the first, as EarlyStopping
-    assert rp._best_epoch([math.nan, None]) is None
+    assert fg._best_epoch([0.2, 0.5, None, 0.5, 0.4]) == 2  # 1-based; ties keep the first, as EarlyStopping
+    assert fg._best_epoch([math.nan, None]) is None
 
 
 def test_subgroup_legend_names_only_the_bars_drawn():
     """A run whose every group scores 0 has no group below the interval: no "(< 0.00)" entry, no orange."""
-    labels = [h.get_label() for h in rp._subgroup_legend({"C0"}, 0.0, 0.0, 20)]
+    labels = [h.get_label() for h in fg._subgroup_legend({"C0"}, 0.0, 0.0, 20)]
     assert labels == ["n ≥ 20, within or above the interval", "all test images (0.00)"]
-    labels = [h.get_label() for h in rp._subgroup_legend({"C0", "C1", "0.82"}, 0.7, 0.61, 20)]
+    labels = [h.get_label() for h in fg._subgroup_legend({"C0", "C1", "0.82"}, 0.7, 0.61, 20)]
     assert any("below its 95% interval (< 0.61)" in label for label in labels) and len(labels) == 4

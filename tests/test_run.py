@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from utilities.schema import NUM_CLASSES
+from utilities.data.schema import NUM_CLASSES
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests of utilities/tracking.py: secret redaction, no-op tracking, real offline W&B runs.
+"""Tests of utilities/run/tracking.py: secret redaction, no-op tracking, real offline W&B runs.
 
 .venv/bin/python -m pytest tests/test_tracking.py -q
 """
@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf  # conftest selects Keras 2 first; only tf.nn is used here
 import tf_keras
 
-from utilities import tracking
-from utilities.config import TrackingConfig
-from utilities.tracking import FusionWeightLogger, NullTracker, WandbTracker, sanitize, start_tracking
+from utilities.run import tracking
+from utilities.run.config import TrackingConfig
+from utilities.run.tracking import FusionWeightLogger, NullTracker, WandbTracker, sanitize, start_tracking
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B API key (40 hex)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +68,8 @@ def test_sanitize_redacts_secret_keys_and_url_credentials_recursively():
 def test_disabled_or_non_chief_tracking_never_imports_wandb():
     code = (
         "import sys\n"
-        "from utilities.config import TrackingConfig\n"
-        "from utilities.tracking import NullTracker, start_tracking\n"
+        "from utilities.run.config import TrackingConfig\n"
+        "from utilities.run.tracking import NullTracker, start_tracking\n"
         "off = start_tracking(TrackingConfig(enabled=False), 'n', 'id', {})\n"
         "worker = start_tracking(TrackingConfig(enabled=True), 'n', 'id', {}, is_chief=False)\n"
         "assert isinstance(off, NullTracker) and isinstance(worker, NullTracker)\n"
@@ -86,7 +86,7 @@ def test_offline_run_end_to_end_without_secrets(wandb_env, caplog):
     config_dict = {"train": {"epochs": 2}, "tracking": {"wandb_api_key": FAKE_KEY}, "data": {"data_tag": "dataset_v01"}}
     model_file = wandb_env / "model.tflite"
     model_file.write_bytes(b"\0tiny model")
-    with caplog.at_level(logging.INFO, logger="utilities.tracking"):
+    with caplog.at_level(logging.INFO, logger="utilities.run.tracking"):
         tracker = _start(wandb_env, "e2e-run", config_dict)
     run_dir = tracker.run_dir
     tracker.log({"loss": 1.0, "val/balanced_accuracy": 0.25}, step=0)
@@ -140,7 +140,7 @@ def test_failing_init_continues_untracked(wandb_env, monkeypatch, caplog):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     config = TrackingConfig(enabled=True, mode="online", wandb_dir=str(wandb_env / "runs"))
-    with caplog.at_level(logging.WARNING, logger="utilities.tracking"):
+    with caplog.at_level(logging.WARNING, logger="utilities.run.tracking"):
         assert isinstance(start_tracking(config, "n", "failing", {}), NullTracker)
     assert "W&B init failed" in caplog.text and "network is unreachable" in caplog.text
     assert "retry later" not in caplog.text  # one line
@@ -207,7 +207,7 @@ def test_without_wandb_dir_the_offline_run_goes_into_the_run_folder(wandb_env, m
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     config = TrackingConfig(enabled=True, mode="offline", project="dermaid-test")  # wandb_dir None: WANDB_DIR unset
-    with caplog.at_level(logging.INFO, logger="utilities.tracking"):
+    with caplog.at_level(logging.INFO, logger="utilities.run.tracking"):
         tracker = start_tracking(config, "test-run", "no-dir-run", {}, local_dir=Path("../out/m/r1"))
     tracker.log({"loss": 1.0})
     tracker.finish()

@@ -239,7 +239,8 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
 def test_two_replicas_train_and_each_gets_half_the_global_batch(prepared, tmp_path):
     script = f"""
 import utilities
-from utilities import data, distribution
+from utilities.data import pipeline as data
+from utilities.run import distribution
 distribution.configure_devices(2)
 strategy = distribution.build_strategy(2, None)
 shards = data.fetch_shards(data.load_manifest({str(prepared.manifest_path)!r}), {str(tmp_path / "cache")!r})
@@ -256,7 +257,7 @@ assert strategy.num_replicas_in_sync == 2 and sizes == [16, 16], sizes
 def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
     import tensorflow as tf
 
-    from utilities import distribution
+    from utilities.run import distribution
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0", "gpu1"] if kind == "GPU" else [])
     with pytest.raises(distribution.DeviceError, match="this machine has 2 GPU"):
@@ -264,7 +265,7 @@ def test_more_replicas_than_gpus_on_a_gpu_machine_is_an_error(monkeypatch):
 
 
 def test_jit_with_several_cpu_replicas_is_an_error():
-    from utilities import distribution
+    from utilities.run import distribution
 
     with pytest.raises(distribution.DeviceError, match="--jit with --gpus 2 needs GPUs"):
         distribution.configure_devices(2, jit=True)  # raises before any device is configured
@@ -272,7 +273,7 @@ def test_jit_with_several_cpu_replicas_is_an_error():
 
 def test_a_fine_tune_too_short_for_its_batchnorm_momentum_is_warned_about():
     from training import lagging_batchnorm
-    from utilities.config import Config, ModelConfig, TrainConfig
+    from utilities.run.config import Config, ModelConfig, TrainConfig
 
     default = Config()  # the whole backbone fine-tuned at momentum 0.99, early stopping on
     assert default.model.fine_tune and default.model.bn_momentum == 0.99 and default.train.patience
@@ -287,7 +288,7 @@ def test_a_fine_tune_too_short_for_its_batchnorm_momentum_is_warned_about():
 
 
 def test_cluster_roles():
-    from utilities.distribution import parse_cluster
+    from utilities.run.distribution import parse_cluster
 
     assert parse_cluster(None).is_chief
     two = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}

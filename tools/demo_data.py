@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from utilities.data.schema import CLASS_NAMES, SITES
 from utilities.errors import JobError, OneLineParser
-from utilities.schema import CLASS_NAMES, SITES
 
 IMAGE_DIR = "ISIC_2019_Training_Input"
 GROUND_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
@@ -108,7 +108,7 @@ LOOKS: dict[str, Look] = {
     "SCC": Look((205, 112, 100), (238, 222, 160), 0.20, (0.6, 1.0), 0.07, "keratin"),
 }
 
-# Metadata per class: (mean age, sd of age), P(male), weights over utilities.schema.SITES (anterior
+# Metadata per class: (mean age, sd of age), P(male), weights over utilities.data.schema.SITES (anterior
 # torso, head/neck, lateral torso, lower extremity, oral/genital, palms/soles, posterior torso, upper extremity).
 AGE: dict[str, tuple[float, float]] = {
     "MEL": (58, 15),

@@ -143,7 +143,7 @@ def load(uri: str, scratch: Path, trust_code: bool = False) -> LoadedModel:
         return LoadedModel(tflite_predict_fn(path), size, None, path, uri, run)
     if path.is_dir() and (path / "model").is_dir():  # a run folder
         path = path / "model"
-    from utilities import variant_eval
+    from utilities.evaluation import variants as variant_eval
     from utilities.model import load_model
 
     model = load_model(path, trust_code=trust_code)
@@ -188,13 +188,16 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
 
 def evaluate(args: argparse.Namespace) -> Path:
     """Score the model on the data's val and test splits; write the evaluation folder; return where."""
-    from utilities.runs import git_commit, now, write_json
+    from utilities.run.folder import git_commit, now, write_json
 
     started = now()
     _refuse_existing(args.output)  # before TensorFlow loads: a wrong --output is refused in a blink
     with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines dropped
-        from utilities import data, report, storage, variant_eval
-        from utilities.predictions import write_predictions
+        from utilities import storage
+        from utilities.data import pipeline as data
+        from utilities.evaluation import report
+        from utilities.evaluation import variants as variant_eval
+        from utilities.evaluation.predictions import write_predictions
 
         native_log.find_devices()
 
@@ -272,7 +275,7 @@ def _run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _default_output(args: argparse.Namespace) -> str:
-    from utilities.runs import now
+    from utilities.run.folder import now
 
     model = Path(args.model.rstrip("/")).name.split(".")[0]
     data = args.tag or Path(args.manifest).parent.name or "manifest"

@@ -51,8 +51,8 @@ from PIL import Image, ImageFile
 
 from tools.demo_data import GROUND_TRUTH_COLUMNS, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_COLUMNS, METADATA_CSV
 from utilities import native_log, storage
+from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
 from utilities.errors import JobError, OneLineParser, one_line
-from utilities.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
 
 MANIFEST_NAME = "versioned_paths.pickle"
 MANIFEST_PROTOCOL = 4  # fixed, not the interpreter default; readable by Python 3.4 and later
@@ -84,7 +84,7 @@ class Record:
     path: Path
     label: int  # index into CLASS_NAMES
     group: str  # "lesion:HAM_…", or "image:ISIC_…" when lesion_id is empty
-    metadata: tuple[int, ...]  # 28-long multi-hot, utilities.schema.encode_metadata
+    metadata: tuple[int, ...]  # 28-long multi-hot, utilities.data.schema.encode_metadata
 
 
 # ---------------------------------------------------------------- reading and validating the CSVs
@@ -481,7 +481,7 @@ def build_manifest(
     skipped_unk: int,
     source: dict[str, Any],
 ) -> dict[str, Any]:
-    from utilities.shards import file_sha256
+    from utilities.data.shards import file_sha256
 
     uris = {split: [_final_uri(out_uri, split, p) for p in paths] for split, paths in shards.items()}
     sha = {_final_uri(out_uri, split, p): file_sha256(p) for split, paths in shards.items() for p in paths}
@@ -710,8 +710,6 @@ def main(argv: list[str] | None = None) -> int:
         "-v", "--verbose", action="store_true", help="keep TensorFlow's C++ start-up lines (dropped otherwise)"
     )
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -14,7 +14,7 @@ never points at data the remote lacks. With STORAGE_EMULATOR_HOST set, a gs:// r
 endpoint to `dvc get`. A remote URL holding a credential (`user:token@`, `?access_token=`) is refused: it
 would be committed in `.dvc/config` and pass through dvc's command line.
 
-This module imports only the standard library (plus `utilities.manifest` and `utilities.storage`,
+This module imports only the standard library (plus `utilities.data.manifest` and `utilities.storage`,
 themselves stdlib at import) so dvc_pull.sh can use `load_manifest` / `summary_lines` with any python3.
 """
 
@@ -31,9 +31,9 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from utilities.data.manifest import Manifest, ManifestError, read_file, summary_lines
+from utilities.data.manifest import parse as parse_manifest
 from utilities.errors import JobError, OneLineParser, redact_url
-from utilities.manifest import Manifest, ManifestError, read_file, summary_lines
-from utilities.manifest import parse as parse_manifest
 
 TRACKED_DIR = "Versioning"
 MANIFEST_NAME = "versioned_paths.pickle"
@@ -55,7 +55,7 @@ class RegistryError(JobError, RuntimeError):
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """The manifest at `path`, unpickled safely and checked (see utilities.manifest)."""
+    """The manifest at `path`, unpickled safely and checked (see utilities.data.manifest)."""
     try:
         return parse_manifest(read_file(path), str(path))  # read_file refuses an oversized file unread
     except FileNotFoundError as exc:

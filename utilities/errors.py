@@ -48,6 +48,10 @@ class RunFailure(JobError):
     exit_code = 1
 
 
+class CompressionError(RunFailure, RuntimeError):
+    """A compression step (pruning, distillation, TFLite) that cannot run as asked; one line."""
+
+
 def one_line(value: object, limit: int = 300) -> str:
     """An exception's first message line (its type name if it has none), or any text with whitespace
     runs collapsed and URLs redacted (`redact_url`); cut to `limit` characters."""

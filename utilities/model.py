@@ -27,10 +27,10 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities.config import ModelConfig
+from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
 from utilities.errors import one_line
 from utilities.model_trust import KERAS_FILE, ModelError, check_model_file
-from utilities.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
+from utilities.run.config import ModelConfig
 
 # ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -6,14 +6,14 @@
 A step only produces a model: `step.produce(model, datasets, strategy)` → (Keras model or TFLite
 flatbuffer bytes, extra metrics such as sparsity). The steps live beside what they run
 (`pruning.Pruning`, `distillation.Distillation`, `quantization.Quantization`); this driver alone
-saves what they produce, evaluates it (`utilities.variant_eval`), sizes it and records it:
+saves what they produce, evaluates it (`utilities.evaluation.variants`), sizes it and records it:
 
 - a Keras model is saved as the float model is (`save_recalibrated`: `pruned/model.keras`,
   `student/model.keras`, BatchNorm statistics re-estimated when they trained), so
   `gzip_ratio_vs_float` compares files of one format; TFLite bytes are written atomically to
   `{source}_{mode}.tflite`;
 - order: pruning → distillation → (--calibrate: a temperature fitted and folded into the float model
-  and each Keras variant, `utilities.calibration`) → quantization, which converts the float model and
+  and each Keras variant, `utilities.evaluation.calibration`) → quantization, which converts the float model and
   every Keras model produced before it, so TFLite variants carry the temperature;
 - a step that fails becomes that variant's `{"error": "<Type>: <one line>"}`, logged in one line;
   the other steps still run and their files stay written.
@@ -33,15 +33,16 @@ from typing import Any, Protocol
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities import evaluation, variant_eval
-from utilities.calibration import calibrate
 from utilities.compression import distillation, pruning, quantization
 from utilities.compression.distillation import load_teacher
-from utilities.config import Config
 from utilities.errors import one_line
+from utilities.evaluation import metrics as evaluation
+from utilities.evaluation import variants as variant_eval
+from utilities.evaluation.calibration import calibrate
+from utilities.evaluation.variants import VariantResult
 from utilities.model import save_recalibrated
-from utilities.runs import RunFolder
-from utilities.variant_eval import VariantResult
+from utilities.run.config import Config
+from utilities.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def keras_steps(config: Config, checkpoints: Path, tracker) -> Iterator[tuple[st
 class Driver:
     """Runs steps and records their variants; `sources` collects the Keras models quantization converts."""
 
-    datasets: Any  # utilities.data.Datasets: .train/.val/.test, .train_clean, .class_weights, .steps_per_epoch
+    datasets: Any  # utilities.data.pipeline.Datasets: .train/.val/.test, .train_clean, .class_weights, .steps_per_epoch
     folder: RunFolder
     strategy: tf.distribute.Strategy
     reference: VariantResult  # the float model's: val probabilities, gzip_bytes

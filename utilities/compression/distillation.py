@@ -14,7 +14,6 @@ used when the strategy has more than one replica). Both log the same per-epoch r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,13 @@ from typing import Any
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities.callbacks import EpochLogger, ResumeProbe, epoch_row, fit_callbacks
-from utilities.config import Config
+from utilities.compression.losses import DistillationLoss, batch_loss, class_weight_vector, epoch_metrics
+from utilities.compression.replica_loop import ReplicaLoop
+from utilities.data.schema import METADATA_SIZE, NUM_CLASSES
 from utilities.errors import one_line
-from utilities.model import BalancedAccuracy, FusionLayer, ModelError, load_model
-from utilities.schema import METADATA_SIZE, NUM_CLASSES
+from utilities.model import FusionLayer, ModelError, load_model
+from utilities.run.callbacks import EpochLogger, ResumeProbe, epoch_row, fit_callbacks
+from utilities.run.config import Config
 
 STUDENT_LEARNING_RATE = 1e-3  # Adam's default: the student starts from random weights
 # The student's BatchNorm moving averages start at mean 0 / variance 1 and must settle within its
@@ -34,7 +35,6 @@ STUDENT_LEARNING_RATE = 1e-3  # Adam's default: the student starts from random w
 # after 70 steps (demo data: 5 epochs, val balanced accuracy at chance while train accuracy rose to
 # 0.89). 0.9 (PyTorch's default, 0.1 there) settles in ~30 steps.
 STUDENT_BN_MOMENTUM = 0.9
-_PROB_FLOOR = 1e-7  # probabilities are clipped here before log() so log(0) never appears
 
 
 # ====================================================================== teacher and student
@@ -93,72 +93,6 @@ def build_student(
 
 def _student_blocks(image_size: int) -> int:
     return int(min(4, max(1, math.floor(math.log2(image_size / 4)))))
-
-
-def class_weight_vector(class_weights: Mapping[int, float] | None) -> list[float]:
-    """Per-class loss weights (8,) from a {class id: weight} dict; a missing class weighs 1."""
-    weights = class_weights or {}
-    return [float(weights.get(i, 1.0)) for i in range(NUM_CLASSES)]
-
-
-class DistillationLoss:
-    """Per-example loss (B,): (1-α)·T²·KL(teacher_T ‖ student_T) + α·w[label]·CE(label, student).
-
-    Both models output probabilities, not logits, so log(p) serves as the logits:
-    softmax(log p / T) ∝ p^(1/T), which is exactly the temperature-softened distribution of any
-    logits z with softmax(z) = p (z and log p differ by a per-example constant softmax ignores).
-    T² keeps the soft term's gradients on the scale of the hard term's (they shrink as 1/T²).
-    w[label] is the class weight of each example's true class. `teacher_probs=None` (a student
-    trained from scratch) is allowed only with α = 1.
-    """
-
-    def __init__(self, temperature: float, alpha: float, class_weights: Sequence[float]) -> None:
-        if temperature <= 0 or not 0.0 <= alpha <= 1.0:
-            raise ValueError(
-                f"distillation needs temperature > 0 and alpha in [0, 1]; got T={temperature}, alpha={alpha}"
-            )
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.class_weights = tf.constant(class_weights, tf.float32)  # (8,)
-
-    def __call__(self, labels: tf.Tensor, teacher_probs: tf.Tensor | None, student_probs: tf.Tensor) -> tf.Tensor:
-        labels = tf.cast(labels, tf.float32)  # (B, 8) one-hot
-        student_log = tf.math.log(tf.clip_by_value(tf.cast(student_probs, tf.float32), _PROB_FLOOR, 1.0))
-        example_weights = tf.reduce_sum(labels * self.class_weights, axis=-1)  # (B,)
-        hard = -tf.reduce_sum(labels * student_log, axis=-1) * example_weights  # (B,)
-        if teacher_probs is None:
-            if self.alpha != 1.0:
-                raise ValueError("a student without teacher needs alpha = 1 (hard labels only)")
-            return hard
-        teacher_log = tf.math.log(tf.clip_by_value(tf.cast(teacher_probs, tf.float32), _PROB_FLOOR, 1.0))
-        t = self.temperature
-        soft_teacher = tf.nn.softmax(teacher_log / t)  # (B, 8)
-        kl = tf.reduce_sum(
-            soft_teacher * (tf.nn.log_softmax(teacher_log / t) - tf.nn.log_softmax(student_log / t)), axis=-1
-        )
-        return (1.0 - self.alpha) * (t * t) * kl + self.alpha * hard
-
-
-def batch_loss(student, teacher, loss_fn: DistillationLoss, features, labels, global_batch_size, training: bool):
-    """(scalar loss, student probs (B, 8)) for one per-replica batch.
-
-    Per-example losses are summed and divided by `global_batch_size` (None: this batch × replicas),
-    so summing the replicas' gradients gives the gradient of the global mean.
-    """
-    teacher_probs = None
-    if teacher is not None:
-        teacher_probs = tf.stop_gradient(tf.cast(teacher(features, training=False), tf.float32))
-    student_probs = tf.cast(student(features, training=training), tf.float32)
-    per_example = loss_fn(labels, teacher_probs, student_probs)  # (B,)
-    loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
-    if student.losses:  # weight regularisers, counted once across replicas
-        loss += tf.nn.scale_regularization_loss(tf.add_n(student.losses))
-    return loss, student_probs
-
-
-def epoch_metrics() -> list[tf_keras.metrics.Metric]:
-    """Accuracy and balanced accuracy, as the job's model reports them each epoch."""
-    return [tf_keras.metrics.CategoricalAccuracy(name="accuracy"), BalancedAccuracy()]
 
 
 # ====================================================================== Keras path
@@ -254,8 +188,6 @@ def train_student(
     Returns a summary: path used, epoch resumed from, epochs run, best val balanced accuracy.
     """
     if strategy.num_replicas_in_sync > 1 or force_loop:
-        from utilities.compression.replica_loop import ReplicaLoop  # replica_loop imports this module
-
         loop = ReplicaLoop(student, teacher, loss_fn, strategy, learning_rate)
 
         def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
@@ -300,12 +232,8 @@ class Distillation:
 __all__ = [
     "STUDENT_BN_MOMENTUM",
     "Distillation",
-    "DistillationLoss",
     "Distiller",
-    "batch_loss",
     "build_student",
-    "class_weight_vector",
-    "epoch_metrics",
     "load_teacher",
     "train_student",
 ]

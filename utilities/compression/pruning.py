@@ -31,19 +31,15 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities.callbacks import EpochLogger, fit_callbacks
-from utilities.config import Config
-from utilities.errors import RunFailure
+from utilities.errors import CompressionError
 from utilities.model import FusionLayer, compile_model, float32_config, float32_policy
+from utilities.run.callbacks import EpochLogger, fit_callbacks
+from utilities.run.config import Config
 
 MIN_PRUNE_WEIGHTS = 1024  # smaller kernels add nothing to the file but their pruning costs accuracy
 PRUNE_RAMP = 0.75  # sparsity reaches its target after this fraction of the fine-tune steps
 MASK_UPDATES = 20  # about this many mask updates along the ramp
 PRUNE_LR_FACTOR = 0.1  # pruning fine-tune learning rate = this × --learning-rate (see the module doc)
-
-
-class CompressionError(RunFailure, RuntimeError):
-    """A compression step that cannot run as asked; the message is one line."""
 
 
 # ====================================================================== prune: the whole fine-tune
@@ -265,7 +261,6 @@ def overall_sparsity(model: tf_keras.Model, layer_ids: set[int]) -> float:
 __all__ = [
     "MIN_PRUNE_WEIGHTS",
     "PRUNE_LR_FACTOR",
-    "CompressionError",
     "Pruning",
     "build_pruned_model",
     "copy_weights",

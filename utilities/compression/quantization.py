@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities.config import QUANTIZE_MODES
-from utilities.errors import RunFailure, one_line
+from utilities.errors import CompressionError, one_line
 from utilities.model import float32_copy
+from utilities.run.config import QUANTIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ MODES: tuple[str, ...] = ("float32", *QUANTIZE_MODES)
 CALIBRATION_EXAMPLES = 100  # representative examples for int8 activation ranges
 
 
-class QuantizationError(RunFailure, RuntimeError):
+class QuantizationError(CompressionError):
     """A model that cannot be converted or run as TFLite; the message is one line."""
 
 

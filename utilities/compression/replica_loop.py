@@ -3,7 +3,7 @@
     loop = ReplicaLoop(student, teacher, DistillationLoss(T, alpha, weights), strategy, learning_rate=1e-3)
     summary = loop.fit(datasets, epochs, patience, checkpoint_dir, on_epoch_end=lambda epoch, logs: ...)
 
-It computes the same loss as the `Distiller` (`distillation.batch_loss`) and logs the same Keras-style
+It computes the same loss as the `Distiller` (`losses.batch_loss`) and logs the same Keras-style
 epoch logs; `_LoopState` checkpoints it every epoch, so a rerun resumes (`distillation.train_student`
 picks this path).
 """
@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities.compression.distillation import DistillationLoss, batch_loss, epoch_metrics
-from utilities.compression.pruning import CompressionError
+from utilities.compression.losses import DistillationLoss, batch_loss, epoch_metrics
+from utilities.errors import CompressionError
 from utilities.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -187,4 +187,4 @@ class _LoopState:
             self.best_student.checkpoint.restore(self.best_student.latest_checkpoint).assert_existing_objects_matched()
 
 
-__all__ = ["CompressionError", "ReplicaLoop"]  # the error it raises, defined in pruning
+__all__ = ["ReplicaLoop"]

@@ -4,7 +4,7 @@ With a frozen backbone (the default teacher), the backbone runs in inference mod
 so its pooled features for a given input image are the same every epoch. Caching them turns an epoch
 into a few small Dense layers over (B, 1024) vectors, tens of times faster (`python -m bench.cache`).
 
-    from utilities import feature_cache
+    from utilities.data import feature_cache
     if config.caches_features:
         with strategy.scope():                            # fit uses the scope a model was built in
             head = feature_cache.head_model(model)        # {"features", "metadata"} → probs
@@ -40,10 +40,11 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities import data, records
-from utilities.config import Config
+from utilities.data import pipeline as data
+from utilities.data import records
 from utilities.errors import JobError
 from utilities.progress import Progress
+from utilities.run.config import Config
 
 MAX_VIEWS = 4  # augmented views cached at most; each costs one inference pass over the train split
 PREPROCESSING_LAYERS = ("scale_0_1", "imagenet_norm")
@@ -181,7 +182,7 @@ def compute_features(
 
 def _sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
-    # As in utilities.data: every worker holds the identical cache, so DATA sharding is exact.
+    # As in utilities.data.pipeline: every worker holds the identical cache, so DATA sharding is exact.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
 
@@ -227,7 +228,7 @@ def train_dataset(
 
 
 def eval_dataset(cache: FeatureCache, batch_size: int | None = None) -> tf.data.Dataset:
-    """View 0 once, in the input order (a finite dataset, like utilities.data's val/test)."""
+    """View 0 once, in the input order (a finite dataset, like utilities.data.pipeline's val/test)."""
     order = tf.range(cache.examples)
     batches = _batches(cache, tf.constant(0, tf.int64), order, batch_size or cache.batch_size)
     return _sharding_options(batches.prefetch(data.AUTOTUNE))

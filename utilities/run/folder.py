@@ -25,9 +25,10 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from utilities import lease, storage
-from utilities.config import Config
+from utilities import storage
 from utilities.errors import JobError, one_line
+from utilities.run import lease
+from utilities.run.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def open_run_folder(config: Config, is_chief: bool) -> RunFolder:
     """Where this run writes, leased to this process; refuses a run that is already complete, and a run
     folder that another live process holds (the same --run-id and --output started twice).
 
-    The chief holds a lease (utilities.lease) on the run folder, and on a gs:// run also on its local staging
+    The chief holds a lease (utilities.run.lease) on the run folder, and on a gs:// run also on its local staging
     copy (the backups a rerun resumes from), until the folder is closed. A lease left by a killed run is
     taken over, so that a rerun resumes.
 
@@ -227,14 +228,14 @@ class RunRecord:
     data: DataRecord | None = None
     code: dict[str, str | None] = field(default_factory=dict)
     packages: dict[str, str | None] = field(default_factory=dict)
-    devices: Any = None  # utilities.distribution.device_summary
+    devices: Any = None  # utilities.run.distribution.device_summary
     training: TrainingRecord | None = None
     fusion_weights: dict[str, float] | None = None
     finished: str | None = None
 
     @classmethod
     def start(cls, config: Config, manifest, devices: Any, started: str) -> RunRecord:
-        """The record of a run started at `started` (`now()`) on `manifest` (a `utilities.manifest.Manifest`)."""
+        """The record of a run started at `started` (`now()`) on `manifest` (a `utilities.data.manifest.Manifest`)."""
         return cls(
             run_id=config.output.run_id,
             model_name=config.output.model_name,

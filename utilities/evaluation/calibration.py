@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import tf_keras
 
-from utilities import analysis
+from utilities.data.records import Identities
+from utilities.evaluation import analysis
+from utilities.evaluation.variants import RESAMPLES, VariantResult, split_metrics
 from utilities.model import load_model, save_model, set_temperature
-from utilities.records import Identities
-from utilities.variant_eval import RESAMPLES, VariantResult, split_metrics
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import tf_keras
 
-from utilities.config import TrackingConfig
 from utilities.errors import one_line, redact_url
+from utilities.run.config import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """A table of flat rows (e.g. `report.comparison_rows`)."""
+        """A table of flat rows (e.g. `comparison.comparison_rows`)."""
 
     @abstractmethod
     def log_model(self, path: Path, name: str, data_tag: str | None, manifest_sha256: str | None) -> None:

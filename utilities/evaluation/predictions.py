@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utilities.records import Identities
-from utilities.schema import CLASS_NAMES
-from utilities.variant_eval import VariantResult
+from utilities.data.records import Identities
+from utilities.data.schema import CLASS_NAMES
+from utilities.evaluation.variants import VariantResult
 
 SPLITS = ("val", "test")
 

@@ -1,6 +1,6 @@
 """Reading the records: the Example features, image bytes decoded to pixels, serialized records to batches, label counts.
 
-Library module (no command line); `utilities.data` builds its pipelines from these:
+Library module (no command line); `utilities.data.pipeline` builds its pipelines from these:
 
     features, label = parse_example(serialized, image_size=64)      # one record
     batches = parse_batches(records, 64, 32, raw=shards_are_raw(paths, 64))
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from utilities.data.schema import METADATA_SIZE, NUM_CLASSES
+from utilities.data.shards import DataError, verify_shard
 from utilities.errors import one_line
-from utilities.schema import METADATA_SIZE, NUM_CLASSES
-from utilities.shards import DataError, verify_shard
 
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),

@@ -11,8 +11,8 @@ Tests: `.venv/bin/python -m pytest tests/test_data.py -q`.
 
 Batches are `({"image": float32[B,S,S,3] in 0..255, "metadata": float32[B,28]}, float32[B,8] one-hot)`.
 Pixels are NOT normalized here: DenseNet preprocessing lives inside the model, so an exported model
-takes raw pixels. The parts live in `utilities.shards` (fetching and checking one shard),
-`utilities.records` (decoding records, counting labels) and `utilities.augmentation`.
+takes raw pixels. The parts live in `utilities.data.shards` (fetching and checking one shard),
+`utilities.data.records` (decoding records, counting labels) and `utilities.data.augmentation`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from utilities import manifest as manifest_format
-from utilities import shards as shard_files
 from utilities import storage
-from utilities.augmentation import Augmentation, augment_dataset, batch_seeds
+from utilities.data import manifest as manifest_format
+from utilities.data import shards as shard_files
+from utilities.data.augmentation import Augmentation, augment_dataset, batch_seeds
+from utilities.data.manifest import Manifest
+from utilities.data.records import Identities, count_labels, parse_batches, read_identities, shards_are_raw
+from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, NUM_CLASSES, SPLITS
+from utilities.data.shards import DataError
 from utilities.errors import one_line
-from utilities.manifest import Manifest
 from utilities.progress import Progress
-from utilities.records import Identities, count_labels, parse_batches, read_identities, shards_are_raw
-from utilities.schema import CLASS_NAMES, METADATA_NAMES, NUM_CLASSES, SPLITS
-from utilities.shards import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Evaluate a model variant (Keras model, TFLite file, …) the same way: metrics, size, latency.
 
 Every variant's entry in metrics.json (`VariantResult.metrics`) has `val` and `test` metric dicts
-(utilities.evaluation, plus utilities.analysis: intervals, calibration, triage, subgroups), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
+(utilities.evaluation.metrics, plus utilities.evaluation.analysis: intervals, calibration, triage, subgroups), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
 compressed variants, `agreement` (top-1 agreement with the float model on validation). The
 predicted probabilities that agreement needs travel beside it (`VariantResult.probabilities`) and
 are never written.
@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from utilities import analysis, evaluation
-from utilities.records import Identities
-from utilities.schema import CLASS_NAMES
-from utilities.shards import DataError
+from utilities.data.records import Identities
+from utilities.data.schema import CLASS_NAMES
+from utilities.data.shards import DataError
+from utilities.evaluation import analysis
+from utilities.evaluation import metrics as evaluation
 
 RESAMPLES = 1000  # bootstrap resamples behind each 95 % interval (--bootstrap)
 PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) → probs (B, 8)
@@ -49,7 +50,7 @@ def first_example(dataset) -> dict[str, tf.Tensor]:
 
 
 def split_metrics(y_true: np.ndarray, probs: np.ndarray, who: Identities | None, resamples: int = RESAMPLES) -> dict:
-    """One split's metrics (utilities.evaluation) and analysis (utilities.analysis): 95 % intervals
+    """One split's metrics (utilities.evaluation.metrics) and analysis (utilities.evaluation.analysis): 95 % intervals
     (`resamples` 0: none), calibration, triage and, when the records' metadata is known (`who`), subgroups."""
     if who is not None and not np.array_equal(who.labels, y_true):
         raise DataError("the evaluated labels differ from the records' labels read before: a shard changed meanwhile")
@@ -63,7 +64,7 @@ def evaluate_predict_fn(
 ) -> VariantResult:
     """Val and test metrics for any batch predictor; top-1 agreement with `reference`'s val probs.
 
-    `datasets` has `.val`, `.test` and, for subgroups and a label check, `.identities` (utilities.data).
+    `datasets` has `.val`, `.test` and, for subgroups and a label check, `.identities` (utilities.data.pipeline).
     """
     result = VariantResult({})
     identities = getattr(datasets, "identities", None) or {}

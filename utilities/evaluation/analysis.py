@@ -1,6 +1,6 @@
 """Per-split analysis for the dermatology team: confidence intervals, calibration, triage, subgroups.
 
-Pure numpy / scipy / scikit-learn (no TensorFlow), same conventions as `utilities.evaluation`:
+Pure numpy / scipy / scikit-learn (no TensorFlow), same conventions as `utilities.evaluation.metrics`:
 `y_true` integer class ids (N,), `probs` probabilities (N, C) in `CLASS_NAMES` order, `metadata`
 the records' 28-column multi-hot (N, 28). Every returned value is JSON-ready:
 
@@ -21,8 +21,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from utilities.evaluation import _check_inputs
-from utilities.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, PROBABILITY_FLOOR, SEXES, SITES
+from utilities.data.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, PROBABILITY_FLOOR, SEXES, SITES
+from utilities.evaluation.metrics import _check_inputs
 
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 _SPECIFICITIES = (0.80, 0.95)  # triage operating points

@@ -1,4 +1,4 @@
-"""Evaluation of trained variants: metrics, agreement, size and latency (the report is `utilities.report`).
+"""Evaluation of trained variants: metrics, agreement, size and latency (the report is `utilities.evaluation.report`).
 
 Pure numpy / scikit-learn; nothing here imports TensorFlow, so it also evaluates TFLite runners and
 works in tools without a model:
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
-from utilities.schema import CLASS_NAMES
+from utilities.data.schema import CLASS_NAMES
 
 _CHUNK = 1 << 20  # bytes per read when gzipping files
 

@@ -1,6 +1,6 @@
 """Training-time augmentation: random flips, rotations, shifts and zooms of image batches, seeded per batch.
 
-Library module (no command line); `utilities.data` and `utilities.feature_cache` apply it:
+Library module (no command line); `utilities.data.pipeline` and `utilities.data.feature_cache` apply it:
 
     batches = augment_dataset(batches, batch_seeds(seed))   # batch i augmented from (seed, i) alone
 

@@ -1,15 +1,15 @@
 """The dataset manifest (`versioned_paths.pickle`, DESIGN §2.2): the Manifest type, the file's size cap and every key's shape.
 
-One reader for every consumer: `utilities.data.load_manifest` (training, local or gs://) and
+One reader for every consumer: `utilities.data.pipeline.load_manifest` (training, local or gs://) and
 `tools.registry` / `dvc_pull.sh` (publishing and pulling, which must run without TensorFlow). This
-module imports only the standard library, `utilities.errors` and `utilities.schema`.
+module imports only the standard library, `utilities.errors` and `utilities.data.schema`.
 
     manifest = parse(read_file("versioned_paths.pickle"), "versioned_paths.pickle")
     manifest.splits["train"]   # shard URIs
     summary_lines(manifest)    # ["train: 5 shards, 441 images", …]
 
 A manifest is data, and this reader accepts nothing else: the bytes are unpickled by
-`utilities.manifest_pickle`, which walks the opcodes first and lets only plain dicts, lists and
+`utilities.data.manifest_pickle`, which walks the opcodes first and lets only plain dicts, lists and
 scalars through, within caps on values (MAX_ITEMS), nesting (MAX_DEPTH) and text (MAX_STRING,
 MAX_TEXT). The file itself is capped by MAX_BYTES (4 MiB), checked before reading it (`read_file`):
 the manifest prepare writes for the whole of ISIC 2019 (25,331 images in 52 shards, every image id
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utilities import manifest_pickle
+from utilities.data import manifest_pickle
+from utilities.data.manifest_pickle import MAX_DEPTH, MAX_ITEMS, MAX_STRING, MAX_TEXT
+from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, SPLITS
 from utilities.errors import JobError, one_line
-from utilities.manifest_pickle import MAX_DEPTH, MAX_ITEMS, MAX_STRING, MAX_TEXT
-from utilities.schema import CLASS_NAMES, METADATA_SIZE, SPLITS
 
 MAX_BYTES = 4 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -102,8 +102,8 @@ def shard_key(uri: str) -> str:
     """The shard a URI names, for telling two URIs of one shard apart from two shards (no file system access).
 
     gs://bucket/key: the key's `.`, `..`, repeated and trailing slashes collapsed. A local path or file://
-    URI: made absolute (against the working directory, where `utilities.shards` opens it) and collapsed
-    the same way. Symbolic and hard links name one file under two keys: `utilities.data.fetch_shards`
+    URI: made absolute (against the working directory, where `utilities.data.shards` opens it) and collapsed
+    the same way. Symbolic and hard links name one file under two keys: `utilities.data.pipeline.fetch_shards`
     compares the files themselves.
     """
     if uri.startswith("gs://"):

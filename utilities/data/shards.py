@@ -3,7 +3,7 @@
 Owns the sha256 check, the download cache of gs:// shards, the walk of TFRecord headers (before
 TensorFlow trusts them) and the full check of every record's Example structure.
 
-Library module (no command line); `utilities.data.fetch_shards` runs `fetch` over a whole manifest:
+Library module (no command line); `utilities.data.pipeline.fetch_shards` runs `fetch` over a whole manifest:
 
     path, downloaded = fetch("gs://bucket/train/0000.tfrecords", sha256_or_None, "train", Path(".cache/shards"))
     verify_shard(path)   # every record: length and data CRCs, Example structure; returns the count
@@ -20,8 +20,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from utilities import storage
+from utilities.data.schema import METADATA_SIZE, NUM_CLASSES
 from utilities.errors import JobError, one_line
-from utilities.schema import METADATA_SIZE, NUM_CLASSES
 
 _CHUNK = 1 << 20  # bytes per read when hashing
 _HEADER = 12  # a TFRecord: uint64 length, uint32 masked crc32c of it, data, uint32 masked crc32c of the data

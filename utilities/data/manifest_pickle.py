@@ -1,6 +1,6 @@
 """The manifest's safe unpickler: an opcode walk lets only plain data within size caps through, then a no-globals unpickler.
 
-Library module (no command line), used by `utilities.manifest.parse` only; imports only the standard
+Library module (no command line), used by `utilities.data.manifest.parse` only; imports only the standard
 library and `utilities.errors`:
 
     raw = loads(data)        # a dict of plain data, or PickleRefused("tries to unpickle os.system; …")
