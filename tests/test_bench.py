@@ -11,7 +11,8 @@ import pytest
 
 from bench import all as bench_all
 from bench import common, compression, pipeline, scale
-from tools.demo_data import IMAGE_DIR, write_demo
+from tools.demo_data import write_demo
+from utilities.data.schema import IMAGE_DIR
 
 
 @pytest.mark.slow

@@ -16,9 +16,16 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tools.demo_data import GROUND_TRUTH_CSV, METADATA_COLUMNS, METADATA_CSV
 from tools.prepare import read_metadata
-from utilities.data.schema import AGE_BINS, CLASS_NAMES, METADATA_NAMES, SITES
+from utilities.data.schema import (
+    AGE_BINS,
+    CLASS_NAMES,
+    GROUND_TRUTH_CSV,
+    METADATA_COLUMNS,
+    METADATA_CSV,
+    METADATA_NAMES,
+    SITES,
+)
 
 ORIGINAL_METADATA_COLUMNS = [
     *(f"age_approx_{age}" for age in ("0.0", "10.0", "15.0", "20.0", "25.0", "30.0", "35.0", "40.0", "45.0")),

@@ -25,7 +25,7 @@ from utilities.compression import distillation, losses, pruning, replica_loop
 from utilities.errors import CompressionError
 from utilities.evaluation import metrics as evaluation
 from utilities.evaluation import variants as variant_eval
-from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model, save_model
+from utilities.model import FusionLayer, ModelError, build_model, compile_model, load_model, save_model, walk_layers
 from utilities.run.config import CompressionConfig, Config, DataConfig, ModelConfig, TrainConfig
 from utilities.run.fields import ConfigError
 from utilities.run.folder import RunFolder
@@ -139,7 +139,7 @@ class ListTracker:
 
 
 def batchnorm_layers(model: tf_keras.Model) -> list[tf_keras.layers.BatchNormalization]:
-    return [layer for _, layer in pruning.walk_layers(model) if isinstance(layer, tf_keras.layers.BatchNormalization)]
+    return [layer for _, layer in walk_layers(model) if isinstance(layer, tf_keras.layers.BatchNormalization)]
 
 
 def snapshot(model: tf_keras.Model) -> list[np.ndarray]:
@@ -230,7 +230,7 @@ def test_a_mixed_precision_model_is_pruned_in_float32_and_pruning_and_distillati
     model = tiny_model()
     assert model.get_layer("image_logits").compute_dtype == "float16"
     pruned, layer_ids = pruning.build_pruned_model(model, pruning.pruning_schedule(0.5, 4))
-    assert {layer.compute_dtype for _, layer in pruning.walk_layers(pruned)} == {"float32"}
+    assert {layer.compute_dtype for _, layer in walk_layers(pruned)} == {"float32"}
     compile_model(pruned, 1e-4, jit=True)  # as the pruning step compiles it under --jit
     pruned.fit(datasets.train, epochs=2, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
@@ -292,8 +292,8 @@ def test_pruning_reaches_target_sparsity_strips_wrappers_and_shrinks_gzip(tmp_pa
     assert set(sparsity) == {"backbone/conv1", "backbone/conv2", "metadata_dense"}
     # tfmot keeps round(n·(1-s)) weights: the target up to one weight (< 1e-3 for these kernels)
     assert all(value >= 0.7 - 1e-3 for value in sparsity.values()), sparsity
-    assert not any(isinstance(layer, PruneLowMagnitude) for _, layer in pruning.walk_layers(stripped))
-    assert any(isinstance(layer, PruneLowMagnitude) for _, layer in pruning.walk_layers(pruned))
+    assert not any(isinstance(layer, PruneLowMagnitude) for _, layer in walk_layers(stripped))
+    assert any(isinstance(layer, PruneLowMagnitude) for _, layer in walk_layers(pruned))
     assert unchanged(before, model)  # the float model is not the one being pruned
     save_model(model, tmp_path / "float")
     save_model(stripped, tmp_path / "pruned")

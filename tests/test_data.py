@@ -18,12 +18,11 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.fixtures.data import Prepared
-from tools.demo_data import IMAGE_DIR, METADATA_CSV
 from utilities.data import pipeline as data
 from utilities.data.augmentation import Augmentation, augment_images
 from utilities.data.pipeline import DataError, build_datasets, fetch_shards, load_manifest
 from utilities.data.records import parse_batches, parse_example, shards_are_raw
-from utilities.data.schema import CLASS_NAMES, SPLITS, encode_metadata, one_hot
+from utilities.data.schema import CLASS_NAMES, IMAGE_DIR, METADATA_CSV, SPLITS, encode_metadata, one_hot
 from utilities.data.shards import file_sha256, verify_shard
 
 

@@ -15,18 +15,15 @@ import pytest
 from PIL import Image
 
 from tools import demo_data
-from tools.demo_data import (
+from tools.demo_data import DemoDataError, class_counts, make_rows, write_demo
+from utilities.data.schema import (
+    CLASS_NAMES,
     GROUND_TRUTH_COLUMNS,
     GROUND_TRUTH_CSV,
     IMAGE_DIR,
     METADATA_COLUMNS,
     METADATA_CSV,
-    DemoDataError,
-    class_counts,
-    make_rows,
-    write_demo,
 )
-from utilities.data.schema import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,10 +18,9 @@ import pytest
 
 from tests.fixtures.data import Prepared
 from tools import prepare as prep
-from tools.demo_data import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV
 from tools.prepare import MANIFEST_NAME, PrepareError, prepare
 from utilities.data.pipeline import load_manifest
-from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, SPLITS
+from utilities.data.schema import CLASS_NAMES, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV, METADATA_NAMES, SPLITS
 from utilities.data.shards import file_sha256, verify_shard
 
 ROOT = Path(__file__).resolve().parent.parent

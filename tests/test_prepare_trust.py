@@ -19,9 +19,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from tools import prepare as prep
-from tools.demo_data import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV
 from tools.prepare import MANIFEST_NAME, PrepareError, prepare
-from utilities.data.schema import SPLITS
+from utilities.data.schema import GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_CSV, SPLITS
 from utilities.data.shards import file_sha256
 
 SMALL = {"image_size": 16, "shard_size": 100}  # a whole prepare of the 240 demo images in about a second

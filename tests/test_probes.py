@@ -142,7 +142,7 @@ def prepare_latin1_csv(tmp, prepared, demo):
     import shutil
 
     from tools import prepare
-    from tools.demo_data import METADATA_CSV
+    from utilities.data.schema import METADATA_CSV
 
     isic = Path(shutil.copytree(demo, tmp / "isic"))
     csv = isic / METADATA_CSV

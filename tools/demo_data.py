@@ -38,14 +38,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utilities.data.schema import CLASS_NAMES, SITES
+from utilities.data.schema import (
+    CLASS_NAMES,
+    GROUND_TRUTH_COLUMNS,
+    GROUND_TRUTH_CSV,
+    IMAGE_DIR,
+    METADATA_COLUMNS,
+    METADATA_CSV,
+    SITES,
+)
 from utilities.errors import JobError, OneLineParser
-
-IMAGE_DIR = "ISIC_2019_Training_Input"
-GROUND_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
-METADATA_CSV = "ISIC_2019_Training_Metadata.csv"
-GROUND_TRUTH_COLUMNS: tuple[str, ...] = ("image", *CLASS_NAMES, "UNK")
-METADATA_COLUMNS: tuple[str, ...] = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")
 
 # Images per class in the real ISIC 2019 training set (25,331 images): the imbalance we imitate.
 ISIC_2019_COUNTS: dict[str, int] = {

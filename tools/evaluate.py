@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from utilities import native_log
+from utilities.data.manifest import MANIFEST_PATH
 from utilities.errors import JobError, OneLineParser, one_line, redact_url
 
 log = logging.getLogger("tools.evaluate")
@@ -180,7 +181,7 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise EvaluateError(f"cannot fetch tag {tag}: {redact_url(lines[-1]) if lines else 'dvc_pull.sh failed'}")
-    return scratch / "Versioning" / "versioned_paths.pickle"
+    return scratch / MANIFEST_PATH
 
 
 # ---------------------------------------------------------------- the evaluation

@@ -49,12 +49,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile
 
-from tools.demo_data import GROUND_TRUTH_COLUMNS, GROUND_TRUTH_CSV, IMAGE_DIR, METADATA_COLUMNS, METADATA_CSV
 from utilities import native_log, storage
-from utilities.data.schema import CLASS_NAMES, METADATA_NAMES, SPLITS, encode_metadata, one_hot
+from utilities.data.manifest import MANIFEST_NAME
+from utilities.data.schema import (
+    CLASS_NAMES,
+    GROUND_TRUTH_COLUMNS,
+    GROUND_TRUTH_CSV,
+    IMAGE_DIR,
+    METADATA_COLUMNS,
+    METADATA_CSV,
+    METADATA_NAMES,
+    SPLITS,
+    encode_metadata,
+    one_hot,
+)
 from utilities.errors import JobError, OneLineParser, one_line
 
-MANIFEST_NAME = "versioned_paths.pickle"
 MANIFEST_PROTOCOL = 4  # fixed, not the interpreter default; readable by Python 3.4 and later
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")  # Pillow's names; a file in any other format is refused whatever its suffix

@@ -31,12 +31,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from utilities.data.manifest import Manifest, ManifestError, read_file, summary_lines
+from utilities.data.manifest import MANIFEST_NAME, REGISTRY_DIR, Manifest, ManifestError, read_file, summary_lines
 from utilities.data.manifest import parse as parse_manifest
 from utilities.errors import JobError, OneLineParser, redact_url
 
-TRACKED_DIR = "Versioning"
-MANIFEST_NAME = "versioned_paths.pickle"
 REMOTE_NAME = "storage"
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 GIT_IDENTITY = ("DermAID data registry", "registry@dermaid.invalid")
@@ -93,10 +91,10 @@ def publish(registry: Path, manifest: Path | str, tag: str, remote: str | None =
         with _publish_lock(registry):
             _refuse_existing_tag(registry, tag)
             _configure_remote(registry, remote)
-            (registry / TRACKED_DIR).mkdir(exist_ok=True)
-            shutil.copyfile(staged, registry / TRACKED_DIR / MANIFEST_NAME)
+            (registry / REGISTRY_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(staged, registry / REGISTRY_DIR / MANIFEST_NAME)
             # No -q: `dvc push -q` swallows the ERROR line we would report.
-            _dvc(registry, "add", TRACKED_DIR)
+            _dvc(registry, "add", REGISTRY_DIR)
             _dvc(registry, "push")  # data first: a tag must never name bytes the remote lacks
             _commit(registry, f"{tag}: {summary}")
             _git(registry, "tag", "-a", tag, "-m", f"Dataset {tag}: {summary}")
@@ -175,7 +173,7 @@ def _check_remote(url: str) -> None:
 
 
 def _commit(registry: Path, message: str) -> None:
-    candidates = (f"{TRACKED_DIR}.dvc", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+    candidates = (f"{REGISTRY_DIR}.dvc", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
     _git(registry, "add", "--", *[c for c in candidates if (registry / c).exists()])
     if _run(["git", "diff", "--cached", "--quiet"], registry).returncode == 0:
         return  # same manifest as the last version: the new tag names the existing commit
@@ -242,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.tag} -> {sha} in {args.registry}")
-    for line in summary_lines(load_manifest(Path(args.registry) / TRACKED_DIR / MANIFEST_NAME)):
+    for line in summary_lines(load_manifest(Path(args.registry) / REGISTRY_DIR / MANIFEST_NAME)):
         print(f"  {line}")
     return 0
 

@@ -217,11 +217,17 @@ def float32_copy(model: tf_keras.Model) -> tf_keras.Model:
     return twin
 
 
-def _all_layers(model: tf_keras.Model) -> Iterator[tf_keras.layers.Layer]:
+def walk_layers(model: tf_keras.Model, prefix: str = "") -> Iterator[tuple[str, tf_keras.layers.Layer]]:
+    """(qualified name, layer) of every non-model layer, descending into nested models."""
     for layer in model.layers:
-        yield layer
         if isinstance(layer, tf_keras.Model):
-            yield from _all_layers(layer)
+            yield from walk_layers(layer, f"{prefix}{layer.name}/")
+        else:
+            yield f"{prefix}{layer.name}", layer
+
+
+def _all_layers(model: tf_keras.Model) -> Iterator[tf_keras.layers.Layer]:
+    return (layer for _, layer in walk_layers(model))
 
 
 def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int = 100) -> int:

@@ -1,9 +1,6 @@
 """Read and write `gs://bucket/key` and local URIs through one small API.
 
-Used by `tools.prepare` (shards + manifest), the shard cache and the run outputs. Library module, no
-command line; its tests run with
-
-    .venv/bin/python -m pytest tests/test_storage.py -q
+Used by `tools.prepare` (shards + manifest), the shard cache and the run outputs.
 
 Guarantees:
 - Local writes are atomic: a temp file in the destination folder, fsync, `os.replace`; parents are
@@ -105,10 +102,15 @@ def _split_gcs(uri: str, *, need_key: bool = True) -> tuple[str, str]:
     return bucket, key
 
 
+def without_file_scheme(uri: str) -> str:
+    """A local URI as a path: `file:///x` is `/x`; anything else is returned as it is."""
+    return uri.removeprefix("file://")
+
+
 def _local_path(uri: str | os.PathLike[str]) -> Path:
     text = str(uri)
     if text.startswith("file://"):
-        text = text[len("file://") :]
+        text = without_file_scheme(text)
     elif "://" in text:
         raise StorageError(f"unsupported URI {redact_url(text)}: use gs://bucket/path or a local path")
     return Path(text)
@@ -147,7 +149,7 @@ def read_bytes(uri: str, *, retry: RetryPolicy | None = None, max_bytes: int | N
 
 def write_bytes(uri: str, data: bytes, *, retry: RetryPolicy | None = None) -> None:
     if not is_gcs(uri):
-        _local_io("write", uri, lambda: _atomic_write(_local_path(uri), lambda fh: fh.write(data)))
+        _local_io("write", uri, lambda: atomic_write(_local_path(uri), lambda fh: fh.write(data)))
         return
     crc, md5 = _checksums_of_bytes(data)
     _verified_upload(uri, lambda blob: blob.upload_from_string(data, retry=None), crc, md5, retry)
@@ -188,7 +190,7 @@ def download_file(uri: str, local_path: str | os.PathLike[str], *, retry: RetryP
     blob = _blob(uri)
 
     def fetch() -> None:  # each attempt writes a fresh temp file, so a retry never appends
-        _atomic_write(target, lambda fh: blob.download_to_file(fh, checksum="crc32c", retry=None))
+        atomic_write(target, lambda fh: blob.download_to_file(fh, checksum="crc32c", retry=None))
 
     _gcs_call("download", uri, fetch, retry)
 
@@ -209,7 +211,7 @@ def fetch_to_cache(uri: str, cache: Path, *, retry: RetryPolicy | None = None) -
         return target, False
 
     def fetch() -> None:  # each attempt writes a fresh temp file, so a retry never appends
-        _atomic_write(target, lambda fh: blob.download_to_file(fh, checksum="crc32c", retry=None))
+        atomic_write(target, lambda fh: blob.download_to_file(fh, checksum="crc32c", retry=None))
 
     _gcs_call("download", uri, fetch, retry)
     return target, True
@@ -269,7 +271,9 @@ def check_writable(uri: str, *, retry: RetryPolicy | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """`write(fh)` into a temp file of its own beside `path`, fsync, `os.replace`: a reader never sees half
+    a file, two writers never share a temp file, a failure leaves the old content and no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its 0600 mode would survive the rename; open(..., "xb") honours the umask.
     tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
@@ -297,7 +301,7 @@ def _copy_local(source: Path, target: Path) -> None:
 
     def copy() -> None:
         with open(source, "rb") as src:
-            _atomic_write(target, lambda fh: shutil.copyfileobj(src, fh, _CHUNK))
+            atomic_write(target, lambda fh: shutil.copyfileobj(src, fh, _CHUNK))
 
     _local_io("write", str(target), copy)
 
@@ -305,7 +309,7 @@ def _copy_local(source: Path, target: Path) -> None:
 def _check_local_writable(folder: Path) -> None:
     def probe() -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / f".write-probe-{uuid.uuid4().hex}", lambda fh: fh.write(b""))
+        atomic_write(folder / f".write-probe-{uuid.uuid4().hex}", lambda fh: fh.write(b""))
         for leftover in folder.glob(".write-probe-*"):
             leftover.unlink(missing_ok=True)
 

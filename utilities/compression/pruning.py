@@ -22,7 +22,6 @@ The FusionLayer is never pruned: its two weights are the branch mix, and zeroing
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities.errors import CompressionError
-from utilities.model import FusionLayer, compile_model, float32_config, float32_policy
+from utilities.model import FusionLayer, compile_model, float32_config, float32_policy, walk_layers
 from utilities.run.callbacks import EpochLogger, fit_callbacks
 from utilities.run.config import Config
 
@@ -236,15 +235,6 @@ def copy_weights(source: tf_keras.Model, target: tf_keras.Model) -> None:
         target_layer.set_weights(source_layer.get_weights())
 
 
-def walk_layers(model: tf_keras.Model, prefix: str = "") -> Iterator[tuple[str, tf_keras.layers.Layer]]:
-    """(qualified name, layer) of every non-model layer, descending into nested models."""
-    for layer in model.layers:
-        if isinstance(layer, tf_keras.Model):
-            yield from walk_layers(layer, f"{prefix}{layer.name}/")
-        else:
-            yield f"{prefix}{layer.name}", layer
-
-
 def measure_sparsity(model: tf_keras.Model, layer_ids: set[int]) -> dict[str, float]:
     """Fraction of exact zeros in each pruned layer's kernel, by qualified layer name."""
     return {
@@ -269,5 +259,4 @@ __all__ = [
     "prune",
     "pruning_schedule",
     "trainable_copy",
-    "walk_layers",
 ]

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
+from utilities import storage
 from utilities.errors import CompressionError, one_line
 from utilities.model import float32_copy
 from utilities.run.config import QUANTIZE_MODES
@@ -107,10 +108,7 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
 def write_tflite(path: Path, flatbuffer: bytes) -> Path:
     """Write atomically (a half-written .tflite never appears under its final name)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tflite.tmp")
-    tmp.write_bytes(flatbuffer)
-    tmp.replace(path)
+    storage.atomic_write(path, lambda fh: fh.write(flatbuffer))
     log.info("wrote %s (%s bytes)", path.name, f"{len(flatbuffer):,}")
     return path
 

@@ -32,7 +32,6 @@ Tests: `.venv/bin/python -m pytest tests/test_feature_cache.py -q`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -180,13 +179,6 @@ def compute_features(
     return FeatureCache(*stacked, batch_size=batch_size)
 
 
-def _sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    options = tf.data.Options()
-    # As in utilities.data.pipeline: every worker holds the identical cache, so DATA sharding is exact.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
 def _flat(tensor: tf.Tensor) -> tf.Tensor:
     """(K, N, …) → (K·N, …): row view·N + i is example i of a view (a reshape, no copy)."""
     return tf.reshape(tensor, [-1, *tensor.shape[2:]])
@@ -224,14 +216,14 @@ def train_dataset(
         return _batches(cache, number % cache.views, order, batch)
 
     stream = tf.data.Dataset.counter(epoch).flat_map(one_epoch).skip(step)  # skipped batches: a gather each
-    return _sharding_options(stream.prefetch(data.AUTOTUNE))
+    return data.with_sharding_options(stream.prefetch(data.AUTOTUNE))
 
 
 def eval_dataset(cache: FeatureCache, batch_size: int | None = None) -> tf.data.Dataset:
     """View 0 once, in the input order (a finite dataset, like utilities.data.pipeline's val/test)."""
     order = tf.range(cache.examples)
     batches = _batches(cache, tf.constant(0, tf.int64), order, batch_size or cache.batch_size)
-    return _sharding_options(batches.prefetch(data.AUTOTUNE))
+    return data.with_sharding_options(batches.prefetch(data.AUTOTUNE))
 
 
 def cache_dataset(
@@ -275,7 +267,7 @@ def cache_datasets(
     return CachedData(
         train=train_dataset(train, config.train.seed, epoch=epoch, step=step),
         val=cache_dataset(extractor, datasets.val),
-        steps_per_epoch=math.ceil(train.examples / train.batch_size),
+        steps_per_epoch=data.batches_per_epoch(train.examples, train.batch_size),
         views=train.views,
     )
 

@@ -39,7 +39,11 @@ from utilities.data import manifest_pickle
 from utilities.data.manifest_pickle import MAX_DEPTH, MAX_ITEMS, MAX_STRING, MAX_TEXT
 from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, SPLITS
 from utilities.errors import JobError, one_line
+from utilities.storage import without_file_scheme
 
+MANIFEST_NAME = "versioned_paths.pickle"  # the file name, as the original and its registry spell it
+REGISTRY_DIR = "Versioning"  # the registry's tracked folder, and where dvc_pull.sh puts the manifest
+MANIFEST_PATH = f"{REGISTRY_DIR}/{MANIFEST_NAME}"
 MAX_BYTES = 4 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GCS_URI = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[^\x00-\x1f\x7f]+")
@@ -109,7 +113,7 @@ def shard_key(uri: str) -> str:
     if uri.startswith("gs://"):
         bucket, _, key = uri[len("gs://") :].partition("/")
         return f"gs://{bucket}/{posixpath.normpath(key).lstrip('/')}"
-    return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return os.path.abspath(without_file_scheme(uri))
 
 
 def summary_lines(manifest: Manifest) -> list[str]:

@@ -175,7 +175,7 @@ class EvalData:
 def build_eval_data(shards: Mapping[str, list[str]], image_size: int, batch: int) -> EvalData:
     """Val and test pipelines (file order, not augmented) and their records' identities (one label pass)."""
     identities = {split: read_identities(list(shards.get(split, [])), split) for split in ("val", "test")}
-    steps = {split: math.ceil(len(who.labels) / batch) for split, who in identities.items()}
+    steps = {split: batches_per_epoch(len(who.labels), batch) for split, who in identities.items()}
     datasets = {split: _eval_dataset(list(shards.get(split, [])), image_size, batch, steps[split]) for split in steps}
     return EvalData(datasets["val"], datasets["test"], identities, steps)
 
@@ -192,11 +192,16 @@ def class_weights_from_counts(counts: Iterable[int]) -> dict[int, float]:
     return {i: total / (len(counts) * c) for i, c in enumerate(counts)}
 
 
-def _with_sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def batches_per_epoch(examples: int, batch_size: int) -> int:
+    """An epoch's batches: every example once, the last batch possibly partial (never dropped)."""
+    return math.ceil(examples / batch_size)
+
+
+def with_sharding_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     # Under MultiWorkerMirroredStrategy, FILE sharding would give workers different numbers of batches
     # when shards are few or uneven (and the job would hang); DATA sharding is correct because every
-    # worker builds the identical, identically seeded pipeline.
+    # worker builds the identical, identically seeded pipeline (and holds the identical feature cache).
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
 
@@ -246,7 +251,7 @@ class _TrainSplit:
 
     def one_epoch(self) -> tf.data.Dataset:
         """One epoch, in a new order on every pass: Keras iterates it once per epoch."""
-        return _with_sharding_options(_with_length(self.epoch(None), self.steps).prefetch(AUTOTUNE))
+        return with_sharding_options(_with_length(self.epoch(None), self.steps).prefetch(AUTOTUNE))
 
     def stream(self, epoch: int, step: int, epochs: int) -> tf.data.Dataset:
         """The rest of epoch `epoch` from batch `step`, then each epoch up to `epochs` (exclusive): what
@@ -254,14 +259,14 @@ class _TrainSplit:
         parts = [self.epoch(e, skip=step if e == epoch else 0) for e in range(epoch, max(epochs, epoch + 1))]
         whole = functools.reduce(tf.data.Dataset.concatenate, parts)
         length = max(epochs - epoch, 1) * self.steps - step
-        return _with_sharding_options(_with_length(whole, length).prefetch(AUTOTUNE))
+        return with_sharding_options(_with_length(whole, length).prefetch(AUTOTUNE))
 
 
 def _eval_dataset(paths: list[str], image_size: int, batch: int, steps: int) -> tf.data.Dataset:
     # Sequential: file order = manifest order, stable. (An empty list needs an explicit string dtype.)
     records = tf.data.TFRecordDataset(tf.constant(paths, tf.string, shape=[len(paths)]))
     batches = parse_batches(records, image_size, batch, raw=shards_are_raw(paths, image_size))
-    return _with_sharding_options(_with_length(batches, steps).prefetch(AUTOTUNE))
+    return with_sharding_options(_with_length(batches, steps).prefetch(AUTOTUNE))
 
 
 def _check_build_arguments(
@@ -319,7 +324,7 @@ def build_datasets(
     evaluated = build_eval_data(shards, image_size, global_batch_size)
     class_counts |= {split: who.class_counts for split, who in evaluated.identities.items()}
     counts = {split: sum(c) for split, c in class_counts.items()}
-    steps = {split: math.ceil(n / global_batch_size) for split, n in counts.items()}
+    steps = {split: batches_per_epoch(n, global_batch_size) for split, n in counts.items()}
     paths = tuple(shards["train"])
     buffer = shuffle_records(paths, counts["train"], shuffle_buffer, shuffle_memory_mb)
     split = _TrainSplit(

@@ -7,7 +7,8 @@ One `tf.train.Example` per image:
   label    int64 list, 8: one-hot in CLASS_NAMES order
   image_name bytes, optional, 1 value: the ISIC image id (tools.prepare writes it; the original's records
            have none, and evaluation then names a row `split/shard/index`)
-This module has no TensorFlow import so tools and `--help` stay fast.
+Also the ISIC 2019 folder layout (image folder, the two CSVs and their columns) that tools.prepare reads
+and tools.demo_data writes. This module has no TensorFlow import so tools and `--help` stay fast.
 """
 
 from __future__ import annotations
@@ -68,3 +69,12 @@ def one_hot(class_index: int) -> list[int]:
     vec = [0] * NUM_CLASSES
     vec[class_index] = 1
     return vec
+
+
+# The ISIC 2019 folder layout: what tools.prepare reads and tools.demo_data writes (images as
+# IMAGE_DIR/{image}.jpg, one row per image in each CSV).
+IMAGE_DIR = "ISIC_2019_Training_Input"
+GROUND_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
+METADATA_CSV = "ISIC_2019_Training_Metadata.csv"
+GROUND_TRUTH_COLUMNS: tuple[str, ...] = ("image", *CLASS_NAMES, "UNK")
+METADATA_COLUMNS: tuple[str, ...] = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")

@@ -93,7 +93,7 @@ def _fetch_remote(uri: str, expected: str | None, cache: Path) -> tuple[Path, bo
 
 
 def _fetch_local(uri: str, expected: str | None, split: str) -> Path:
-    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    path = Path(storage.without_file_scheme(uri))
     if not path.is_file():
         raise DataError(f"shard {uri} listed for {split} does not exist")
     _verify_digest(path, expected, uri)  # ~1 s per GB; catches shards changed after the manifest

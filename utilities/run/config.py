@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from utilities.data.manifest import MANIFEST_PATH
 from utilities.data.schema import DEFAULT_IMAGE_SIZE
 from utilities.run.fields import check as _check
 from utilities.run.fields import flag, flags, from_env, opt, parse_bool, switch
@@ -31,9 +32,7 @@ MIN_IMAGE_SIZE = 32  # DenseNet121 without top rejects smaller inputs
 
 @dataclass(frozen=True)
 class DataConfig:
-    manifest: str = opt(
-        "Versioning/versioned_paths.pickle", "--manifest", help="pickle of shard URIs per split (from dvc_pull.sh)"
-    )
+    manifest: str = opt(MANIFEST_PATH, "--manifest", help="pickle of shard URIs per split (from dvc_pull.sh)")
     data_tag: str | None = opt(  # lineage only
         None, "--data-tag", env="DVC_TAG", help="registry tag of the manifest, for lineage (default: $DVC_TAG)"
     )
@@ -350,6 +349,7 @@ class Config:
     @property
     def caches_features(self) -> bool:
         """Train the head on cached backbone features: "on", or "auto" with a frozen backbone and no augmentation."""
+        self._refuse_cache_with_fine_tune()  # again: a Config altered past __post_init__ (object.__setattr__)
         mode = self.data.cache_features
         return mode == "on" or (mode == "auto" and not self.model.fine_tune and not self.data.augment)
 

@@ -320,12 +320,9 @@ def point_latest_at(config: Config, record: RunRecord) -> None:
 
 
 def write_json(path: Path, content: Any) -> None:
-    """Atomically and durably: a temp file of its own beside `path`, fsync, os.replace (storage's local write).
-
-    A reader never sees half a file, two writers never share a temp file, and a failed write leaves the old
-    content and no temp file behind."""
+    """Atomically and durably (`storage.atomic_write`)."""
     data = json.dumps(content, indent=2, sort_keys=True, default=str).encode()
-    storage._atomic_write(path, lambda fh: fh.write(data))
+    storage.atomic_write(path, lambda fh: fh.write(data))
 
 
 def now() -> str:
