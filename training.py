@@ -81,6 +81,20 @@ class RunResult:
         return {"headline": "balanced_accuracy", "variants": {name: v.metrics for name, v in self.variants.items()}}
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every phase of one run works with, typed: one argument instead of seven."""
+
+    config: Config
+    cluster: distribution.Cluster
+    strategy: tf.distribute.Strategy
+    watch: PreemptionWatch
+    folder: RunFolder
+    datasets: data.Datasets
+    tracker: tracking.Tracker
+    record: RunRecord
+
+
 def run(config: Config) -> RunResult:
     """The whole run; SIGTERM raises `Preempted` (inside training: after saving a backup of the step)."""
     with PreemptionWatch() as watch:
@@ -108,16 +122,17 @@ def _run(config: Config, watch: PreemptionWatch) -> RunResult:
             local_dir=folder.local,  # W&B's files (without WANDB_DIR): beside the run's, never in the cwd
         )
         result = RunResult(uri=folder.uri, local_dir=folder.local, record=record)
+        ctx = RunContext(config, cluster, strategy, watch, folder, datasets, tracker, record)
         try:
-            model = train(config, datasets, folder, tracker, strategy, watch, record)
+            model = train(ctx)
             if cluster.is_chief:
-                result.variants = evaluate_variants(config, model, datasets, folder, strategy, tracker, cluster)
+                result.variants = evaluate_variants(ctx, model)
                 for line in comparison.collapse_warnings(result.metrics):
                     log.warning(line)
             watch.check()  # a SIGTERM that a library swallowed still stops the run before it publishes
             record.finished = now()
             if folder.publish:
-                publish(config, folder, result, tracker, datasets)
+                publish(ctx, result)
             tracker.finish(0)
         except BaseException:
             tracker.finish(1)
@@ -163,15 +178,17 @@ def compression_module():
     return compression
 
 
-def train(config: Config, datasets, folder: RunFolder, tracker, strategy, watch, record: RunRecord) -> tf_keras.Model:
+def train(ctx: RunContext) -> tf_keras.Model:
     """Build, fit (resuming from the backup) and save the model into `model/`; fills `record.training`."""
+    config, datasets, folder, record = ctx.config, ctx.datasets, ctx.folder, ctx.record
+    strategy = ctx.strategy
     with strategy.scope():
         model = build_model(config.model, config.data.image_size)
         compile_model(model, config.train.learning_rate, jit=config.train.jit)
     log.info("model: %s parameters (%s trainable)", f"{model.count_params():,}", f"{_trainable(model):,}")
     if warning := lagging_batchnorm(config, datasets.steps_per_epoch["train"]):
         log.warning(warning)
-    epoch, step = fit(model, datasets, config, folder, tracker, strategy, watch)
+    epoch, step = fit(ctx, model)
     history = read_history(folder.path("history.csv"))
     record.training = TrainingRecord(epoch, step, epochs_run=len(history.get("loss", [])))
     record.fusion_weights = fusion_weights(model)
@@ -210,8 +227,9 @@ def lagging_batchnorm(config: Config, steps_per_epoch: int) -> str | None:
     )
 
 
-def evaluate_variants(config: Config, model, datasets, folder: RunFolder, strategy, tracker, cluster):
+def evaluate_variants(ctx: RunContext, model: tf_keras.Model) -> dict[str, VariantResult]:
     """The trained model and every compressed variant, evaluated (chief only)."""
+    config, datasets, folder, cluster = ctx.config, ctx.datasets, ctx.folder, ctx.cluster
     # Multi-worker: each read of BatchNorm's moving statistics (ON_READ variables) in `model(x)` is
     # an all-reduce across workers; the saved copy, loaded outside the strategy, needs no peer.
     evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
@@ -225,17 +243,15 @@ def evaluate_variants(config: Config, model, datasets, folder: RunFolder, strate
     compression = compression_module()
     # Several workers: the chief compresses alone, on that reloaded copy under the default
     # strategy (no collective needs a peer), while the others wait at the end barrier.
-    compress_strategy = strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
-    variants = compression.run_variants(config, evaluated, datasets, folder, compress_strategy, tracker, reference)
+    compress_strategy = ctx.strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
+    variants = compression.run_variants(config, evaluated, datasets, folder, compress_strategy, ctx.tracker, reference)
     return {"model": reference, **variants}
 
 
 # ---------------------------------------------------------------------- training
 
 
-def fit(
-    model, datasets, config: Config, folder: RunFolder, tracker, strategy, watch: PreemptionWatch
-) -> tuple[int, int]:
+def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
     """Train with class weights; return the (epoch, step) training started from, 0-based ((0, 0) unless resumed).
 
     Backups (`Backup`) every --checkpoint-every steps (default: every 5 minutes; several workers: every
@@ -246,6 +262,7 @@ def fit(
     computed once and only the head trains; the head shares the full model's layer objects, so the
     full model ends up trained and is what gets exported.
     """
+    config, datasets, folder, strategy, watch = ctx.config, ctx.datasets, ctx.folder, ctx.strategy, ctx.watch
     several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     backup_dir = str(folder.checkpoints / "backup")
     steps = datasets.steps_per_epoch["train"]
@@ -267,7 +284,7 @@ def fit(
     verbose, callbacks = fit_callbacks(
         progress_seconds=config.train.progress_seconds,
         history_csv=folder.path("history.csv"),
-        loggers=tracker.callbacks(),
+        loggers=ctx.tracker.callbacks(),
         patience=config.train.patience,
         tensorboard_dir=local_mount(config.output.tensorboard_dir) if config.output.tensorboard_dir else None,
         backup=Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch),
@@ -302,9 +319,10 @@ def fit(
 # ---------------------------------------------------------------------- outputs
 
 
-def publish(config: Config, folder: RunFolder, result: RunResult, tracker, datasets) -> None:
+def publish(ctx: RunContext, result: RunResult) -> None:
     """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export;
     then run.json and latest.json; then the training backups go (unless --keep-checkpoints)."""
+    config, folder, tracker, datasets = ctx.config, ctx.folder, ctx.tracker, ctx.datasets
     metrics, record = result.metrics, result.record
     folder.check_lease()  # a run whose folder another process took over publishes nothing
     write_json(folder.path("metrics.json"), metrics)

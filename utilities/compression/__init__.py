@@ -35,6 +35,7 @@ import tf_keras
 
 from utilities.compression import distillation, pruning, quantization
 from utilities.compression.distillation import load_teacher
+from utilities.data.pipeline import Datasets
 from utilities.errors import one_line
 from utilities.evaluation import metrics as evaluation
 from utilities.evaluation import variants as variant_eval
@@ -113,7 +114,7 @@ def keras_steps(config: Config, checkpoints: Path, tracker) -> Iterator[tuple[st
 class Driver:
     """Runs steps and records their variants; `sources` collects the Keras models quantization converts."""
 
-    datasets: Any  # utilities.data.pipeline.Datasets: .train/.val/.test, .train_clean, .class_weights, .steps_per_epoch
+    datasets: Datasets
     folder: RunFolder
     strategy: tf.distribute.Strategy
     reference: VariantResult  # the float model's: val probabilities, gzip_bytes
