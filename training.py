@@ -33,6 +33,7 @@ from utilities import storage
 from utilities.data import feature_cache, records
 from utilities.data import pipeline as data
 from utilities.evaluation import comparison, report
+from utilities.evaluation import metrics as evaluation
 from utilities.evaluation import variants as variant_eval
 from utilities.evaluation.calibration import calibrate
 from utilities.evaluation.predictions import write_predictions
@@ -78,7 +79,7 @@ class RunResult:
     @property
     def metrics(self) -> dict[str, Any]:
         """metrics.json's content."""
-        return {"headline": "balanced_accuracy", "variants": {name: v.metrics for name, v in self.variants.items()}}
+        return evaluation.metrics_document({name: v.metrics for name, v in self.variants.items()})
 
 
 @dataclass(frozen=True)

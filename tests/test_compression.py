@@ -528,7 +528,7 @@ _TWO_REPLICAS = textwrap.dedent(
     import tensorflow as tf
     from tests.test_compression import ListTracker, run_folder, _run_config, snapshot, toy_datasets, trained_tiny_model, unchanged
     from utilities import compression
-    from utilities.compression import distillation, replica_loop
+    from utilities.compression import distillation, losses, replica_loop
 
     strategy = distribution.build_strategy(2, None)
     datasets = toy_datasets(n_train=64, n_eval=32, batch=16)

@@ -196,6 +196,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines dropped
         from utilities import storage
         from utilities.data import pipeline as data
+        from utilities.evaluation import metrics as evaluation
         from utilities.evaluation import report
         from utilities.evaluation import variants as variant_eval
         from utilities.evaluation.predictions import write_predictions
@@ -214,7 +215,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         result = variant_eval.evaluate_variant(
             model.predict, evaluated, model.artifact, model.params, resamples=args.bootstrap
         )
-        metrics = {"headline": "balanced_accuracy", "variants": {"model": result.metrics}}
+        metrics = evaluation.metrics_document({"model": result.metrics})
         out_uri = args.output or _default_output(args)
         local = Path(out_uri) if not storage.is_gcs(out_uri) else scratch / "out"
         local.mkdir(parents=True, exist_ok=True)

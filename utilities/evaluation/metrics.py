@@ -27,6 +27,14 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 
 from utilities.data.schema import CLASS_NAMES
 
+HEADLINE = "balanced_accuracy"  # the metric a run is judged by: early stopping, model choice, metrics.json
+
+
+def metrics_document(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json's content: the headline metric's name and each variant's metrics, by name."""
+    return {"headline": HEADLINE, "variants": dict(variants)}
+
+
 _CHUNK = 1 << 20  # bytes per read when gzipping files
 
 
