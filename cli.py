@@ -18,6 +18,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import secrets
 import sys
 import time
@@ -78,7 +79,7 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def tf_config_from_env(env: Mapping[str, str]) -> str | None:
+def tf_config_from_env(env: Mapping[str, str | None]) -> str | None:
     """TF_CONFIG as given, or Vertex AI's CLUSTER_SPEC translated to the same shape."""
     if env.get("TF_CONFIG"):
         return env["TF_CONFIG"]
@@ -96,13 +97,20 @@ def tf_config_from_env(env: Mapping[str, str]) -> str | None:
     return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": task.get("index", 0)}})
 
 
-def tracking_mode(env: Mapping[str, str]) -> str:
-    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
-        return env["WANDB_MODE"]
-    return "online" if env.get("WANDB_API_KEY") else "offline"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")  # GCS naming rules (dotted names may be longer)
 
 
-def wandb_key_source(env: Mapping[str, str]) -> str | None:
+def output_for_bucket(bucket: str) -> str:
+    """GCS_BUCKET_NAME → the output: `gs://B/models` (B with or without gs://), or a local folder (/…, .…)."""
+    if bucket.startswith(("/", ".")):
+        return bucket
+    name = bucket.removeprefix("gs://").rstrip("/")
+    if not _BUCKET.match(name):  # a path or URL passed by mistake
+        raise ConfigError(f"GCS_BUCKET_NAME {bucket!r} is not a bucket name (or a local folder starting with / or .)")
+    return f"gs://{name}/models"
+
+
+def wandb_key_source(env: Mapping[str, str | None]) -> str | None:
     """Where a W&B key comes from (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes), or None."""
     if env.get("WANDB_API_KEY"):
         return "WANDB_API_KEY"
@@ -115,7 +123,7 @@ def wandb_key_source(env: Mapping[str, str]) -> str | None:
     return f"wandb login ({path})" if found and found[2] else None
 
 
-def tracking_choice(flag: bool | None, env: Mapping[str, str]) -> tuple[bool, str]:
+def tracking_choice(flag: bool | None, env: Mapping[str, str | None]) -> tuple[bool, str]:
     """-x decides when given; otherwise on exactly when a W&B key is available (the original tracked by default)."""
     if flag is not None:
         return flag, "W&B tracking " + ("on (-x)" if flag else "off (-x False / --no-tracking)")
@@ -128,42 +136,65 @@ def tracking_choice(flag: bool | None, env: Mapping[str, str]) -> tuple[bool, st
     )
 
 
-# Fields whose value is computed from the flag's value (None when not given), the declared variable's
-# value and the environment, instead of "the flag, else the variable".
-DERIVED: dict[str, Callable[[Any, str | None, Mapping[str, str]], Any]] = {
-    "output.output": lambda given, bucket, _: given or (f"gs://{bucket}/models" if bucket else None),  # None: ./outputs
-    "output.run_id": lambda given, _, env: given or new_run_id(),
-    "tracking.enabled": lambda given, _, env: tracking_choice(given, env)[0],
-    "tracking.mode": lambda given, _, env: tracking_mode(env),
-    "cluster.tf_config": lambda given, _, env: tf_config_from_env(env),
+def tracking_mode(env: Mapping[str, str | None]) -> tuple[str, str | None]:
+    """WANDB_MODE, else online with a key and offline without; online without a key would try the network
+    and fail (or prompt, in a container that has no terminal): offline then, said in one line."""
+    mode, keyed = env.get("WANDB_MODE"), wandb_key_source(env) is not None
+    if mode not in ("online", "offline", "disabled"):
+        return ("online" if keyed else "offline"), None
+    if mode == "online" and not keyed:
+        return "offline", "WANDB_MODE=online without a W&B key: tracking offline (wandb sync uploads it later)"
+    return mode, None
+
+
+Derivation = Callable[[Any, Mapping[str, str | None]], tuple[Any, str | None]]
+# Fields whose value is computed from the flag's value (None when not given) and the variables the field
+# declares (`env=`, nothing else of the environment), instead of "the flag, else the variable". Each rule
+# returns (value, a line for the log or None); cli.py computes each once, and the scripts pass values through.
+DERIVED: dict[str, Derivation] = {
+    "output.output": lambda given, env: (  # None: the field's default, ./outputs
+        given or (output_for_bucket(env["GCS_BUCKET_NAME"]) if env["GCS_BUCKET_NAME"] else None),
+        None,
+    ),
+    "output.run_id": lambda given, _: (given or new_run_id(), None),
+    "tracking.enabled": tracking_choice,
+    "tracking.mode": lambda _, env: tracking_mode(env),
+    "cluster.tf_config": lambda _, env: (tf_config_from_env(env), None),
 }
 
 
-def field_value(args: argparse.Namespace, key: str, src: Source, env: Mapping[str, str]) -> Any:
-    """The value of field `key` from its flags, else its variable (an empty one counts as unset); None: default."""
+def field_value(args: argparse.Namespace, key: str, src: Source, env: Mapping[str, str]) -> tuple[Any, str | None]:
+    """The value of field `key` from its flags, else its variable (an empty one counts as unset), and a
+    line for the log (derived fields only); value None: the default."""
     if src.exclusive:
         given = src.pick([getattr(args, f"{key}.{i}", None) for i in range(len(src.flags))])
     else:
         given = getattr(args, key, None)
-    variable = (env.get(src.env) or None) if src.env else None
+    variables = {name: env.get(name) or None for name in src.env}  # the only reads of the environment
     if key in DERIVED:
-        return DERIVED[key](given, variable, env)
+        return DERIVED[key](given, variables)
     if isinstance(given, list):  # a repeatable flag: each value once, in order
-        return tuple(dict.fromkeys(given))
-    return variable if given is None else given
+        return tuple(dict.fromkeys(given)), None
+    variable = variables[src.env[0]] if src.env else None
+    return (variable if given is None else given), None
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Config, list[str]]:
+    """Every section built from its fields' declared sources (a field without a value keeps its default),
+    and what the derivations said (one line each, for the log)."""
+    built, notes = {}, []
+    for name, _, section in sections():
+        values = {}
+        for f in dataclasses.fields(section):
+            if src := source(f):
+                values[f.name], note = field_value(args, f"{name}.{f.name}", src, env)
+                notes += [note] if note else []
+        built[name] = section(**{k: v for k, v in values.items() if v is not None})
+    return Config(**built), notes
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
-    """Every section built from its fields' declared sources; a field without a value keeps its default."""
-    built = {}
-    for name, _, section in sections():
-        values = {
-            f.name: field_value(args, f"{name}.{f.name}", src, env)
-            for f in dataclasses.fields(section)
-            if (src := source(f))
-        }
-        built[name] = section(**{k: v for k, v in values.items() if v is not None})
-    return Config(**built)
+    return resolve(args, env)[0]
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -181,10 +212,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     for name in ("matplotlib", "PIL"):  # font-matching and plugin debug lines, hundreds per report
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        config = config_from_args(args, env)
+        config, notes = resolve(args, env)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))  # exits 2 with usage
-    log.info(tracking_choice(getattr(args, "tracking.enabled"), env)[1])
+    for note in notes:
+        log.info(note)
 
     with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines (cuInit on a CPU) dropped
         import training  # TensorFlow is imported only past this point
@@ -214,21 +246,20 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 def print_summary(result) -> None:
     """Where everything went, and the headline numbers (stdout, so scripts can read it)."""
-    model = result.metrics["variants"].get("model")
+    model = result.metrics.variants.get("model")
     if model is None:  # a non-chief worker of a multi-worker job: it evaluates and publishes nothing
         print(f"worker done; the chief publishes {result.uri}")
         return
     print(f"run complete: {result.uri}")
     for name in ("model", "metrics.json", "report.md", "run.json"):
         print(f"  {name:<13} {result.uri}/{name}")
-    for split in ("val", "test"):
-        m = model[split]
+    for split, m in (("val", model.val), ("test", model.test)):
         print(
-            f"  {split:<5} balanced accuracy {m['balanced_accuracy']:.3f}  accuracy {m['accuracy']:.3f}  macro F1 {m['macro_f1']:.3f}"
+            f"  {split:<5} balanced accuracy {m.balanced_accuracy:.3f}  accuracy {m.accuracy:.3f}  macro F1 {m.macro_f1:.3f}"
         )
-    for name, variant in result.metrics["variants"].items():
-        if name != "model" and "val" in variant:
-            print(f"  variant {name}: val balanced accuracy {variant['val']['balanced_accuracy']:.3f}")
+    for name, variant in result.metrics.scored().items():
+        if name != "model" and variant.val is not None:
+            print(f"  variant {name}: val balanced accuracy {variant.val.balanced_accuracy:.3f}")
 
 
 if __name__ == "__main__":

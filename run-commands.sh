@@ -158,12 +158,11 @@ export GIT_TERMINAL_PROMPT=0
 
 # ---- W&B ---------------------------------------------------------------------------------------------
 # With a key, cli.py tracks by default (as the original did); without one it does not track unless
-# asked with -x, and then offline: anything else would try the network without a key.
+# asked with -x, and then offline (cli.py decides both, from the variables passed through).
 if [[ -n $WANDB_API_KEY ]]; then
     export WANDB_API_KEY
 else
     unset WANDB_API_KEY
-    [[ ${WANDB_MODE:-} == disabled ]] || export WANDB_MODE=offline
 fi
 
 # ---- git credentials for the data registry ------------------------------------------------------

@@ -7,8 +7,9 @@
 #   GCS_BUCKET_NAME=./outputs ...   # a value starting with / or . is a local output folder
 #
 # Writes ./Versioning/ (the manifest) in the current directory; cli.py's outputs go to
-# gs://$GCS_BUCKET_NAME/models (or the local folder). Exit status: 2 for usage errors, the pull's
-# status if it fails, otherwise cli.py's.
+# gs://$GCS_BUCKET_NAME/models (or the local folder): cli.py derives that from the variable (and refuses
+# a value that is not a bucket name); this script passes it through. Exit status: 2 for usage errors,
+# the pull's status if it fails, otherwise cli.py's.
 # PYTHON (default python) and DVC_PULL_SCRIPT (default dvc_pull.sh beside this file) can be overridden.
 set -euo pipefail
 
@@ -33,17 +34,6 @@ gpus=${NUM_GPU:-1}
 [[ -n ${DVC_REPO:-} ]] || usage_error "DVC_REPO is required (the data registry: git URL or path)"
 [[ $gpus =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "NUM_GPU must be a positive integer"
 
-if [[ $bucket == /* || $bucket == .* ]]; then
-    output=$bucket
-else
-    bucket=${bucket#gs://}
-    bucket=${bucket%/}
-    # GCS bucket naming rules (dotted names may be longer); catches a path or URL passed by mistake.
-    [[ $bucket =~ ^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$ ]] ||
-        usage_error "GCS_BUCKET_NAME is not a bucket name (or a local folder starting with / or .)"
-    output=gs://$bucket/models
-fi
-
 # The repository stays in DVC_REPO's environment rather than on the command line: an https URL may
 # carry credentials. The W&B key is not needed to pull data, so it is kept from that process.
 status=0
@@ -60,4 +50,4 @@ fi
 # Training needs no git credentials: drop run-commands.sh's credential config (git-credentials.sh) from
 # its environment; without GIT_CONFIG_COUNT, the GIT_CONFIG_KEY_n/VALUE_n left behind are not read.
 exec env -u GIT_CONFIG_GLOBAL -u GIT_CONFIG_NOSYSTEM -u GIT_CONFIG_COUNT "$python" "$here/cli.py" -g "$gpus" --manifest "$MANIFEST" \
-    --data-tag "$tag" --output "$output" "$@"
+    --data-tag "$tag" "$@"

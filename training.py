@@ -33,10 +33,10 @@ from utilities import storage
 from utilities.data import feature_cache, records
 from utilities.data import pipeline as data
 from utilities.evaluation import comparison, report
-from utilities.evaluation import metrics as evaluation
 from utilities.evaluation import variants as variant_eval
 from utilities.evaluation.calibration import calibrate
 from utilities.evaluation.predictions import write_predictions
+from utilities.evaluation.results import HEADLINE, RunMetrics, VariantMetrics
 from utilities.evaluation.variants import VariantResult, most_confident_mistakes
 from utilities.model import build_model, compile_model, fusion_weights, load_model, save_model, save_recalibrated
 from utilities.run import distribution, tracking
@@ -77,9 +77,9 @@ class RunResult:
     variants: dict[str, VariantResult] = field(default_factory=dict)
 
     @property
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> RunMetrics:
         """metrics.json's content."""
-        return evaluation.metrics_document({name: v.metrics for name, v in self.variants.items()})
+        return RunMetrics({name: v.metrics for name, v in self.variants.items()})
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def evaluate_variants(ctx: RunContext, model: tf_keras.Model) -> dict[str, Varia
     evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
     resamples = config.evaluation.bootstrap
     reference = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"), resamples=resamples)
-    log.info("val balanced accuracy %.3f", reference.metrics["val"]["balanced_accuracy"])
+    log.info("val balanced accuracy %.3f", reference.metrics.val.balanced_accuracy)
     if not config.compression.enabled:
         if config.evaluation.calibrate:
             calibrate(evaluated, reference, folder.path("model"), datasets.identities, resamples)
@@ -326,18 +326,18 @@ def publish(ctx: RunContext, result: RunResult) -> None:
     config, folder, tracker, datasets = ctx.config, ctx.folder, ctx.tracker, ctx.datasets
     metrics, record = result.metrics, result.record
     folder.check_lease()  # a run whose folder another process took over publishes nothing
-    write_json(folder.path("metrics.json"), metrics)
+    write_json(folder.path("metrics.json"), metrics.to_json())
     write_predictions(folder.path("predictions"), result.variants, datasets.identities)
     names = datasets.identities["test"].names
     gallery = most_confident_mistakes(datasets.test, result.variants["model"], names, config.evaluation.gallery)
     history = read_history(folder.path("history.csv"))
     written = report.write_report(folder.local, metrics, record, history, gallery=gallery)
-    model = metrics["variants"]["model"]
+    model = metrics.variants["model"]
     tracker.log_summary(summary_values(model))
     tracker.log_table("variants", comparison.comparison_rows(metrics))
     tracker.log_images({p.stem: p for p in folder.local.glob("*.png")})
     tracker.log_model(folder.path("model"), record.model_name, record.data.tag, record.data.manifest_sha256)
-    report_hypertune(config, model["val"]["balanced_accuracy"])
+    report_hypertune(config, model.val.headline())
     # After evaluation, so that the model's measured size is the .keras file alone.
     if config.output.saved_model or config.output.model_dir:
         export_saved_model(folder.path("model"))
@@ -353,20 +353,19 @@ def publish(ctx: RunContext, result: RunResult) -> None:
         remove_checkpoints(folder)
 
 
-def summary_values(model: dict[str, Any]) -> dict[str, Any]:
+def summary_values(model: VariantMetrics) -> dict[str, Any]:
     """The trained model's headline numbers for the tracker's run summary: `val/balanced_accuracy`, …"""
     values: dict[str, Any] = {}
-    for split in ("val", "test"):
-        m = model[split]
-        values |= {f"{split}/{key}": m.get(key) for key in ("balanced_accuracy", "macro_auc", "ece")}
-        ci95 = m.get("ci95") or {}
+    for split, m in (("val", model.val), ("test", model.test)):
+        values |= {f"{split}/balanced_accuracy": m.balanced_accuracy, f"{split}/macro_auc": m.macro_auc}
+        values[f"{split}/ece"] = m.ece
         for key in ("balanced_accuracy", "macro_auc"):
-            if ci95.get(key):
-                values |= {f"{split}/{key}_ci95_low": ci95[key][0], f"{split}/{key}_ci95_high": ci95[key][1]}
-        for name, triage in (m.get("triage") or {}).items():
-            values[f"{split}/{name}_auc"] = triage.get("auc")
-    if "calibration" in model:
-        values["temperature"] = model["calibration"]["temperature"]
+            if bounds := m.interval(key):
+                values |= {f"{split}/{key}_ci95_low": bounds[0], f"{split}/{key}_ci95_high": bounds[1]}
+        for name, triage in (m.triage or {}).items():
+            values[f"{split}/{name}_auc"] = triage.auc
+    if model.calibration is not None:
+        values["temperature"] = model.calibration.temperature
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -381,13 +380,14 @@ def export_saved_model(model_folder: Path) -> None:
     load_model(model_folder).save(str(model_folder), include_optimizer=False, save_format="tf")
 
 
-def report_hypertune(config: Config, balanced_accuracy: float) -> None:
+def report_hypertune(config: Config, value: float) -> None:
+    """The headline metric on val, to Vertex AI's hyperparameter tuning service (--hp-metric-file)."""
     if not config.output.hp_metric_file:
         return
     import hypertune
 
     hypertune.HyperTune().report_hyperparameter_tuning_metric(
-        hyperparameter_metric_tag="balanced_accuracy", metric_value=balanced_accuracy, global_step=config.train.epochs
+        hyperparameter_metric_tag=HEADLINE, metric_value=value, global_step=config.train.epochs
     )
 
 

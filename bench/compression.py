@@ -106,17 +106,19 @@ def run(args: argparse.Namespace, bench_data: common.BenchData) -> dict[str, Any
 
 def from_metrics(path: Path) -> dict[str, Any]:
     """The same table from a finished run's metrics.json (latency measured by the run itself)."""
-    metrics = json.loads(Path(path).read_text())
+    from utilities.evaluation.results import RunMetrics
+
+    metrics = RunMetrics.from_json(json.loads(Path(path).read_text()))
     rows = {}
-    for name, values in metrics.get("variants", {}).items():
-        if "error" in values:
-            rows[name] = {"error": values["error"]}
+    for name, variant in metrics.variants.items():
+        if variant.error is not None:
+            rows[name] = {"error": variant.error}
             continue
-        latency = values.get("latency_ms") or {}
+        latency = variant.latency_ms
         rows[name] = {
-            "latency_ms": {"median": latency.get("median"), "p90": latency.get("p90")},
-            "size_bytes": values.get("size_bytes"),
-            "gzip_bytes": values.get("gzip_bytes"),
+            "latency_ms": {"median": latency.median if latency else None, "p90": latency.p90 if latency else None},
+            "size_bytes": variant.size_bytes,
+            "gzip_bytes": variant.gzip_bytes,
         }
     return {"variants": rows, "source": str(path)}
 

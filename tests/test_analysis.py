@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, SITES, encode_metadata
 from utilities.evaluation import analysis as an
 from utilities.evaluation import metrics as ev
+from utilities.evaluation.results import GroupMetrics
 
 MEL, NV, BCC, AK, BKL, DF, VASC, SCC = range(NUM_CLASSES)
 
@@ -304,8 +305,8 @@ def test_subgroups_omit_empty_groups_and_keep_absent_classes_none():
         an.subgroups(y, probs, metadata[:2])
 
 
-def _group(n: int, ba: float | None) -> dict:
-    return {"n": n, "balanced_accuracy": ba, "per_class_recall": {}, "support": {}}
+def _group(n: int, ba: float | None) -> GroupMetrics:
+    return GroupMetrics(n=n, balanced_accuracy=ba, per_class_recall={}, support={})
 
 
 def test_largest_gap_picks_attribute_and_respects_min_support():
@@ -339,7 +340,8 @@ def test_analyse_returns_json_ready_sections():
     assert set(result) == {"ci95", "ece", "reliability", "triage", "subgroups"}
     assert result["ci95"]["resamples"] == 100
     assert result["ece"] == result["reliability"]["ece"]
-    assert an.largest_gap(result["subgroups"]) is not None
+    typed = {a: {g: GroupMetrics.from_json(m) for g, m in groups.items()} for a, groups in result["subgroups"].items()}
+    assert an.largest_gap(typed) is not None
     json.dumps(result, allow_nan=False)
     # No resamples: no interval; no metadata (records of unknown origin): no subgroups.
     assert set(an.analyse(y, probs, None, resamples=0)) == {"ece", "reliability", "triage"}

@@ -347,3 +347,62 @@ def test_keep_checkpoints_is_an_off_by_default_switch_named_in_help():
     help_text = " ".join(cli.build_parser().format_help().split())
     assert "--keep-checkpoints [BOOL]" in help_text and "AIP_CHECKPOINT_DIR" in help_text
     assert "(default: removed once run.json and latest.json are written)" in help_text
+
+
+class _Recording(dict):
+    """An environment that remembers which variables were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_the_environment_is_read_only_through_the_variables_fields_declare():
+    declared = {name for _, _, src in declared_fields() if src for name in src.env}
+    env = _Recording({"GCS_BUCKET_NAME": "bkt", "WANDB_MODE": "online", "UNRELATED": "x", "HOME": "/nonexistent"})
+    config, notes = cli.resolve(cli.build_parser().parse_args([]), env)
+    assert env.read <= declared and "UNRELATED" not in env.read
+    assert {"CLUSTER_SPEC", "WANDB_API_KEY", "NETRC"} <= env.read  # the derivations' inputs, declared on their fields
+    assert config.output.output == "gs://bkt/models" and config.tracking.mode == "offline"
+    assert any("WANDB_MODE=online without a W&B key" in note for note in notes)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "output"),
+    [
+        ("bkt", "gs://bkt/models"),
+        ("gs://bkt/", "gs://bkt/models"),
+        ("my.dotted-bucket_1", "gs://my.dotted-bucket_1/models"),
+        ("./outputs", "./outputs"),
+        ("/mnt/out", "/mnt/out"),
+    ],
+)
+def test_a_bucket_becomes_the_output_once_in_cli(bucket, output):
+    assert config([], {"GCS_BUCKET_NAME": bucket, "HOME": "/nonexistent"}).output.output == output
+    given = config(["--output", "gs://other/x"], {"GCS_BUCKET_NAME": bucket, "HOME": "/nonexistent"})
+    assert given.output.output == "gs://other/x"  # a flag wins over the variable
+
+
+@pytest.mark.parametrize("bucket", ["gs://bkt/models", "https://storage.googleapis.com/bkt", "B", "my bucket"])
+def test_a_bucket_that_is_not_a_bucket_name_is_refused(bucket):
+    with pytest.raises(ConfigError, match="is not a bucket name"):
+        config([], {"GCS_BUCKET_NAME": bucket, "HOME": "/nonexistent"})
+
+
+def test_wandb_mode_follows_the_key(tmp_path):
+    home = {"HOME": str(tmp_path)}
+    assert cli.tracking_mode({**home, "WANDB_API_KEY": "k" * 40}) == ("online", None)
+    assert cli.tracking_mode(home) == ("offline", None)
+    assert cli.tracking_mode({**home, "WANDB_MODE": "disabled"}) == ("disabled", None)
+    mode, note = cli.tracking_mode({**home, "WANDB_MODE": "online"})
+    assert mode == "offline" and "without a W&B key" in note
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
+    assert cli.tracking_mode(home) == ("online", None)  # `wandb login` is a key too

@@ -540,7 +540,7 @@ _TWO_REPLICAS = textwrap.dedent(
     # The whole pruning step (clone inside the scope, fine-tune, strip, save) and TFLite export.
     config = _run_config(prune=True, prune_epochs=2, quantize=("dynamic",))
     variants = compression.run_variants(config, teacher, datasets, run_folder(Path({tmp!r})), strategy, ListTracker())
-    out["variants"] = {{name: result.metrics for name, result in variants.items()}}
+    out["variants"] = {{name: result.metrics.to_json() for name, result in variants.items()}}
 
     # The per-replica distillation loop, with its batch-size hook.
     with strategy.scope():
@@ -604,7 +604,7 @@ def test_run_variants_records_a_failing_variant_and_keeps_the_others(tmp_path, m
     monkeypatch.setattr(distillation, "build_student", broken_student)
     config = _run_config(prune=True, prune_epochs=2, distill=True, quantize=("dynamic",))
     results = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
-    variants = {name: result.metrics for name, result in results.items()}
+    variants = {name: result.metrics.to_json() for name, result in results.items()}
 
     assert variants["student"] == {"error": "RuntimeError: disk full"} and not results["student"].probabilities
     assert "variant student failed: RuntimeError: disk full" in caplog.text
@@ -634,7 +634,7 @@ def test_run_variants_distills_from_a_teacher_file_and_quantizes_the_student(tmp
     compression.check_inputs(config, train_examples=64)  # what training.run does before fitting
     tracker = ListTracker()
     results = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), tracker)
-    variants = {name: result.metrics for name, result in results.items()}
+    variants = {name: result.metrics.to_json() for name, result in results.items()}
 
     assert set(variants) == {"student", "model_int8", "student_int8"}
     assert all("error" not in v for v in variants.values()), variants
@@ -662,7 +662,7 @@ def test_densenet_model_pruned_in_backbone_and_heads_shrinks_gzip(tmp_path):
     # ratio compares .keras with .keras as in a real run.
     save_model(model, folder.path("model"))
     variants = compression.run_variants(config, model, datasets, folder, tf.distribute.get_strategy(), ListTracker())
-    pruned = variants["pruned"].metrics
+    pruned = variants["pruned"].metrics.to_json()
     assert "error" not in pruned, pruned
     backbone_layers = [name for name in pruned["sparsity"] if name.startswith("densenet121/")]
     assert len(backbone_layers) == 120 and "image_logits" in pruned["sparsity"]
@@ -687,7 +687,7 @@ def test_distilled_and_scratch_students_both_learn(tmp_path, record_property):
 
     def score(model: tf_keras.Model) -> float:
         result = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets)
-        return result.metrics["test"]["balanced_accuracy"]
+        return result.metrics.test.balanced_accuracy
 
     scores = {name: score(m) for name, m in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
     record_property("test_balanced_accuracy", scores)

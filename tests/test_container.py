@@ -42,11 +42,20 @@ def sha(text: str) -> str:
 
 FAKE_PYTHON = """#!{python}
 # Stand-in for the interpreter that runs cli.py; inline code (-c, the Secret Manager read) runs for real.
+# It records what cli.py was given and what the real cli.py makes of it (no training).
 import hashlib, json, os, signal, sys, time
 if sys.argv[1:2] == ["-c"]:
     os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+sys.path.insert(0, {root!r})
+import cli
+try:
+    config = cli.config_from_args(cli.build_parser().parse_args(sys.argv[2:]), os.environ)
+    resolved = {{"output": config.output.output, "tracking": config.tracking.enabled, "mode": config.tracking.mode}}
+except Exception as exc:
+    resolved = {{"error": str(exc)}}
 key = os.environ.get("WANDB_API_KEY")
 record = {{
+    "config": resolved,
     "argv": sys.argv[1:],
     "cwd": os.getcwd(),
     "env_names": sorted(os.environ),
@@ -101,7 +110,7 @@ class Job:
         for folder in (self.work, self.home, self.tmpdir, self.secrets, self.record):
             folder.mkdir(parents=True)
         fake_python = tmp / "fakepython"
-        fake_python.write_text(FAKE_PYTHON.format(python=sys.executable))
+        fake_python.write_text(FAKE_PYTHON.format(python=sys.executable, root=str(ROOT)))
         fake_pull = tmp / "fake_dvc_pull.sh"
         fake_pull.write_text(FAKE_DVC_PULL.format(python=sys.executable, registry=REGISTRY))
         fake_python.chmod(0o755)
@@ -232,10 +241,12 @@ def test_env_only_run_builds_the_cli_command(job):
     assert job.cli()["argv"] == [
         str(ROOT / "cli.py"),
         *("-g", "1", "--manifest", "Versioning/versioned_paths.pickle"),
-        *("--data-tag", "dataset_v02", "--output", "gs://my-bucket/models", "-e", "1", "-x"),
+        *("--data-tag", "dataset_v02", "-e", "1", "-x"),
     ]
     assert job.cli()["cwd"] == str(job.work) and job.pull()["tag"] == "dataset_v02"
-    assert job.cli()["wandb_mode"] == "offline" and job.cli()["wandb_key_sha256"] is None
+    # The variables pass through unchanged; cli.py derives the output and the W&B mode once.
+    assert job.cli()["wandb_mode"] is None and job.cli()["wandb_key_sha256"] is None
+    assert job.cli()["config"] == {"output": "gs://my-bucket/models", "tracking": True, "mode": "offline"}
 
 
 def test_six_positionals_win_over_the_environment(job):
@@ -247,21 +258,15 @@ def test_six_positionals_win_over_the_environment(job):
     )
     assert result.returncode == 0, result.stderr
     argv = job.cli()["argv"]
-    assert argv[1:3] == ["-g", "2"] and argv[-6:] == [
-        "--data-tag",
-        "dataset_v01",
-        "--output",
-        "gs://pos-bucket/models",
-        "-e",
-        "3",
-    ]
+    assert argv[1:3] == ["-g", "2"] and argv[-4:] == ["--data-tag", "dataset_v01", "-e", "3"]
+    assert job.cli()["config"]["output"] == "gs://pos-bucket/models"
     assert "GCP_PROJECT" in job.cli()["env_names"]
 
 
 def test_local_folder_as_bucket_is_the_output(job):
     result = job.run(GCS_BUCKET_NAME="./outputs", DVC_TAG="dataset_v02")
     assert result.returncode == 0, result.stderr
-    assert job.cli()["argv"][-2:] == ["--output", "./outputs"]
+    assert "--output" not in job.cli()["argv"] and job.cli()["config"]["output"] == "./outputs"
 
 
 @pytest.mark.parametrize(
@@ -314,7 +319,7 @@ def test_secrets_from_environment_reach_only_their_consumers(job):
     assert result.returncode == 0, result.stderr
     assert_secrets_delivered(job)
     assert_no_leak(job, result)
-    assert job.cli()["wandb_mode"] is None
+    assert job.cli()["wandb_mode"] is None and job.cli()["config"]["mode"] == "online"
 
 
 def test_secrets_from_files_with_windows_line_ends(job):

@@ -64,23 +64,23 @@ def test_each_split_has_intervals_calibration_triage_and_subgroups_that_add_up(r
     result, _ = run
     for variant in result.variants.values():
         for split in ("val", "test"):
-            m = variant.metrics[split]
-            low, high = m["ci95"]["balanced_accuracy"]
-            assert low <= m["balanced_accuracy"] <= high and m["ci95"]["resamples"] == 200
-            assert sum(m["reliability"]["count"]) == m["n"] and 0.0 <= m["ece"] <= 1.0
-            assert set(m["triage"]) == {"melanoma", "malignant"}
-            for attribute, groups in m["subgroups"].items():
-                assert sum(g["n"] for g in groups.values()) == m["n"], attribute
+            m = variant.metrics.splits()[split]
+            low, high = m.ci95.balanced_accuracy
+            assert low <= m.balanced_accuracy <= high and m.ci95.resamples == 200
+            assert sum(m.reliability.count) == m.n and 0.0 <= m.ece <= 1.0
+            assert set(m.triage) == {"melanoma", "malignant"}
+            for attribute, groups in m.subgroups.items():
+                assert sum(g.n for g in groups.values()) == m.n, attribute
 
 
 def test_calibration_is_folded_into_the_exported_model_and_its_tflite_conversion(run):
     result, run_dir = run
     model = result.variants["model"].metrics
-    calibration = model["calibration"]
-    assert calibration["temperature"] > 0 and calibration["temperature"] != 1.0
-    for split in ("val", "test"):  # a temperature never changes the argmax
-        assert calibration["balanced_accuracy_before"][split] == model[split]["balanced_accuracy"]
-    assert calibration["ece_after"]["val"] <= calibration["ece_before"]["val"] + 1e-9  # fitted on val: NLL down
+    calibration = model.calibration
+    assert calibration.temperature > 0 and calibration.temperature != 1.0
+    for split, m in model.splits().items():  # a temperature never changes the argmax
+        assert calibration.balanced_accuracy_before[split] == m.balanced_accuracy
+    assert calibration.ece_after["val"] <= calibration.ece_before["val"] + 1e-9  # fitted on val: NLL down
 
     _, calibrated = _read(run_dir / "predictions" / "model_val.csv")
     keras = tf_keras.models.load_model(str(run_dir / "model" / "model.keras"))  # plain load_model

@@ -83,9 +83,7 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
         if mode == "float32":  # the same graph as Keras: same probabilities
             np.testing.assert_allclose(probs, model(features, training=False).numpy(), atol=1e-5)
-        agreement = variant_eval.evaluate_predict_fn(mq.tflite_predict_fn(path), datasets, reference).metrics[
-            "agreement"
-        ]
+        agreement = variant_eval.evaluate_predict_fn(mq.tflite_predict_fn(path), datasets, reference).metrics.agreement
         assert agreement >= 0.95, (mode, agreement)
     assert sizes["float16"] < 0.6 * sizes["float32"]
     assert sizes["dynamic"] < 0.4 * sizes["float32"]

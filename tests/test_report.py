@@ -16,6 +16,7 @@ from utilities.evaluation import comparison as cmp
 from utilities.evaluation import figures as fg
 from utilities.evaluation import metrics as ev
 from utilities.evaluation import report as rp
+from utilities.evaluation.results import RunMetrics
 from utilities.run.folder import DataRecord, RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +57,10 @@ def _metrics() -> dict:
         "latency_ms": {"median": 41.5, "p90": 44.0},
         "params": 7_100_000,
     }
-    tflite = {"test": ev.compute_metrics(y_true, _probs_for([0, 1, 1, 1, 2, 2]), NAMES), "latency_ms": 12.0}
+    tflite = {
+        "test": ev.compute_metrics(y_true, _probs_for([0, 1, 1, 1, 2, 2]), NAMES),
+        "latency_ms": {"median": 12.0, "p90": 12.5},
+    }
     return {"variants": {"model": model, "int8": {**tflite, "agreement": 0.8333}}}
 
 
@@ -69,7 +73,7 @@ def test_plots_write_pngs(tmp_path):
 
 
 def test_comparison_rows_are_flat_and_tolerate_missing_keys():
-    rows = cmp.comparison_rows(_metrics())
+    rows = cmp.comparison_rows(RunMetrics.from_json(_metrics()))
     assert [r["variant"] for r in rows] == ["model", "int8"]
     assert rows[0]["test_balanced_accuracy"] == pytest.approx(13 / 18)
     assert rows[0]["latency_ms_median"] == 41.5 and rows[0]["latency_ms_p90"] == 44.0
@@ -90,7 +94,7 @@ def test_report_has_summary_tables_and_figures(tmp_path):
         devices=["/cpu:0", "/cpu:1"],
     )
     history = {"loss": [1.0, 0.8], "val_loss": [1.2, 1.0], "fusion/image": [0.5, 0.62], "fusion/metadata": [0.5, 0.38]}
-    path = rp.write_report(tmp_path / "run", _metrics(), record, history)
+    path = rp.write_report(tmp_path / "run", RunMetrics.from_json(_metrics()), record, history)
 
     text = path.read_text()
     assert path.name == "report.md"
@@ -111,14 +115,14 @@ def test_old_metrics_render_only_the_old_sections_and_figures(tmp_path):
     for variant in metrics["variants"].values():  # metrics.json before per-class AUCs existed
         for split in ("val", "test"):
             variant.get(split, {}).pop("per_class_auc", None)
-    text = rp.write_report(tmp_path, metrics, None, {"loss": [1.0]}).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {"loss": [1.0]}).read_text()
     assert _headings(text) == ["# Training report: model", "## Variants", "## Per-class recall (test)", "## Figures"]
     assert "Brackets" not in text and "[0." not in text
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["confusion_matrix.png", "training_curves.png"]
 
 
 def test_report_without_test_metrics_or_history(tmp_path):
-    path = rp.write_report(tmp_path, {"variants": {"student": {"size_bytes": 1000}}}, None, {})
+    path = rp.write_report(tmp_path, RunMetrics.from_json({"variants": {"student": {"size_bytes": 1000}}}), None, {})
     text = path.read_text()
     assert "| student | — |" in text
     assert "confusion_matrix.png" not in text and (tmp_path / "training_curves.png").exists()
@@ -130,14 +134,14 @@ def test_a_variant_answering_one_class_is_flagged_with_its_agreement(tmp_path):
     assert (constant["top_class"], constant["top_class_share"]) == ("B", 1.0)
     metrics = _metrics()
     metrics["variants"]["int8"] = {"val": constant, "agreement": 1.0}  # "agreement" with a constant model
-    (line,) = cmp.collapse_warnings(metrics)
+    (line,) = cmp.collapse_warnings(RunMetrics.from_json(metrics))
     assert (
         line
         == "int8 predicts B for 100% of val (balanced accuracy 0.250); its agreement 1.000 with the float model means as little"
     )
-    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {}).read_text()
     assert f"> **Warning:** {line}." in text
-    assert cmp.collapse_warnings(_metrics()) == []  # mixed predictions: nothing to flag
+    assert cmp.collapse_warnings(RunMetrics.from_json(_metrics())) == []  # mixed predictions: nothing to flag
 
 
 # ── metrics.json with the analysis keys (intervals, calibration, triage, subgroups) ────────────
@@ -193,11 +197,14 @@ def _subgroups(rng: np.random.Generator) -> dict:
 def _split(rng: np.random.Generator, balanced_accuracy: float, ece: float, subgroups: bool = False) -> dict:
     split = {
         "n": 400,
+        "top_class": "NV",
+        "top_class_share": 0.3,
         "accuracy": balanced_accuracy + 0.08,
         "balanced_accuracy": balanced_accuracy,
         "macro_f1": balanced_accuracy - 0.02,
         "macro_auc": balanced_accuracy + 0.2,
         "per_class_recall": {c: round(float(rng.random()), 3) for c in CLASS_NAMES},
+        "per_class_precision": {c: round(float(rng.random()), 3) for c in CLASS_NAMES},
         "support": {c: 50 for c in CLASS_NAMES},
         "confusion_matrix": rng.integers(0, 20, (8, 8)).tolist(),
         "per_class_auc": {
@@ -231,6 +238,8 @@ def analysis_metrics(extra_variants: int = 0, seed: int = 0) -> dict:
             "ece_before": {"val": 0.12, "test": 0.13},
             "ece_after": {"val": 0.031, "test": 0.048},
             "balanced_accuracy_before": {"val": 0.731, "test": 0.716},
+            "macro_auc_before": {"val": 0.93, "test": 0.91},
+            "reliability_before": _reliability(rng, 0.13),
         },
     }
     variants = {"model": model, "int8": {"val": _split(rng, 0.70, 0.09), "test": _split(rng, 0.69, 0.083)}}
@@ -259,7 +268,9 @@ def _gallery(count: int, seed: int = 0) -> list[dict]:
 def rich_report(tmp_path_factory):
     """(run folder, report text) of analysis_metrics() with a 12-image gallery; written once for the tests below."""
     run_dir = tmp_path_factory.mktemp("rich")
-    text = rp.write_report(run_dir, analysis_metrics(), None, {"loss": [1.0, 0.8]}, gallery=_gallery(12)).read_text()
+    text = rp.write_report(
+        run_dir, RunMetrics.from_json(analysis_metrics()), None, {"loss": [1.0, 0.8]}, gallery=_gallery(12)
+    ).read_text()
     return run_dir, text
 
 
@@ -282,7 +293,7 @@ def test_headline_shows_intervals_and_what_they_are(rich_report):
 
 
 def test_comparison_rows_carry_intervals_and_ece():
-    row = cmp.comparison_rows(analysis_metrics())[0]
+    row = cmp.comparison_rows(RunMetrics.from_json(analysis_metrics()))[0]
     assert row["test_balanced_accuracy_ci95_low"] == pytest.approx(0.611)
     assert row["test_balanced_accuracy_ci95_high"] == pytest.approx(0.8)
     assert row["test_macro_auc_ci95_low"] == pytest.approx(0.856)
@@ -299,7 +310,7 @@ def test_calibration_section(rich_report):
 def test_calibration_that_moved_balanced_accuracy_is_flagged(tmp_path):
     metrics = analysis_metrics()
     metrics["variants"]["model"]["calibration"]["balanced_accuracy_before"]["test"] = 0.7
-    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {}).read_text()
     assert "> **Warning:** model's test balanced accuracy changed with temperature scaling (0.7000 → 0.7160)" in text
 
 
@@ -330,14 +341,14 @@ def test_small_subgroups_are_not_compared(tmp_path):
     for groups in metrics["variants"]["model"]["test"]["subgroups"].values():
         for stats in groups.values():
             stats["n"] = 10
-    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {}).read_text()
     assert "No attribute has two groups with ≥ 20 test images" in text
     _assert_png(tmp_path / fg.SUBGROUPS_PNG)
 
 
 def test_gallery_is_written_only_when_given(tmp_path):
     metrics = analysis_metrics()
-    text = rp.write_report(tmp_path, metrics, None, {}, gallery=[]).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {}, gallery=[]).read_text()
     assert fg.ERROR_GALLERY_PNG not in text and not (tmp_path / fg.ERROR_GALLERY_PNG).exists()
     _assert_png(fg.plot_error_gallery(_gallery(3), tmp_path / "g.png", columns=2))
     with pytest.raises(ValueError, match="at least one item"):
@@ -351,7 +362,7 @@ def test_sections_without_their_data_are_left_out(tmp_path):
             metrics["variants"]["model"][split].pop(key, None)
             metrics["variants"]["int8"][split].pop(key, None)
     del metrics["variants"]["model"]["calibration"]
-    text = rp.write_report(tmp_path, metrics, None, {}).read_text()
+    text = rp.write_report(tmp_path, RunMetrics.from_json(metrics), None, {}).read_text()
     assert "0.716 [0.61, 0.80]" in text  # intervals stay
     for heading in ("## Calibration", "## Triage", "## Subgroups"):
         assert heading not in text
@@ -359,7 +370,9 @@ def test_sections_without_their_data_are_left_out(tmp_path):
 
 
 def test_reliability_grid_wraps_after_four_variants(tmp_path):
-    panels = rp._reliability_panels(analysis_metrics(extra_variants=3))  # model, int8, pruned_0..2: 2 rows of 4
+    panels = rp._reliability_panels(
+        RunMetrics.from_json(analysis_metrics(extra_variants=3))
+    )  # model, int8, pruned_0..2: 2 rows of 4
     assert list(panels) == ["model", "int8", "pruned_0", "pruned_1", "pruned_2"]  # not the failed variant
     _assert_png(fg.plot_reliability(panels, tmp_path / "reliability.png"))
 

@@ -32,11 +32,12 @@ def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, scored_ru
         probs = model.probabilities[split]
         assert probs.shape == (sum(prepared.manifest["counts"][split].values()), NUM_CLASSES)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-        assert model.metrics[split]["support"] and 0.0 <= model.metrics[split]["balanced_accuracy"] <= 1.0
+        scored = model.metrics.splits()[split]
+        assert scored.support and 0.0 <= scored.balanced_accuracy <= 1.0
     assert set(result.variants) == {"model", "model_dynamic"}  # the float model and the one asked for
 
     # What the run wrote is what it returned.
     run_dir = out / "scored" / "r1"
     assert json.loads((run_dir / "run.json").read_text()) == json.loads(json.dumps(record.to_json(), default=str))
-    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(result.metrics))
+    assert json.loads((run_dir / "metrics.json").read_text()) == result.metrics.to_json()
     assert (run_dir / "model" / "model.keras").is_file() and (run_dir / "report.md").is_file()

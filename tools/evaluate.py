@@ -196,10 +196,10 @@ def evaluate(args: argparse.Namespace) -> Path:
     with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines dropped
         from utilities import storage
         from utilities.data import pipeline as data
-        from utilities.evaluation import metrics as evaluation
         from utilities.evaluation import report
         from utilities.evaluation import variants as variant_eval
         from utilities.evaluation.predictions import write_predictions
+        from utilities.evaluation.results import RunMetrics
 
         native_log.find_devices()
 
@@ -215,11 +215,11 @@ def evaluate(args: argparse.Namespace) -> Path:
         result = variant_eval.evaluate_variant(
             model.predict, evaluated, model.artifact, model.params, resamples=args.bootstrap
         )
-        metrics = evaluation.metrics_document({"model": result.metrics})
+        metrics = RunMetrics({"model": result.metrics})
         out_uri = args.output or _default_output(args)
         local = Path(out_uri) if not storage.is_gcs(out_uri) else scratch / "out"
         local.mkdir(parents=True, exist_ok=True)
-        write_json(local / "metrics.json", metrics)
+        write_json(local / "metrics.json", metrics.to_json())
         write_predictions(local / "predictions", {"model": result}, evaluated.identities)
         names = evaluated.identities["test"].names
         gallery = variant_eval.most_confident_mistakes(evaluated.test, result, names, args.gallery)

@@ -27,7 +27,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities.data.schema import CLASS_NAMES, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
+from utilities.data.schema import CLASS_NAMES, HEADLINE, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
 from utilities.errors import one_line
 from utilities.model_trust import KERAS_FILE, ModelError, check_model_file
 from utilities.run.config import ModelConfig
@@ -93,7 +93,7 @@ class BalancedAccuracy(tf_keras.metrics.Metric):
     Accumulates a C×C confusion matrix, so it sums correctly across replicas and batches.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, name: str = "balanced_accuracy", **kwargs):
+    def __init__(self, num_classes: int = NUM_CLASSES, name: str = HEADLINE, **kwargs):
         super().__init__(name=name, **kwargs)
         self.num_classes = num_classes
         self.matrix = self.add_weight(name="matrix", shape=(num_classes, num_classes), initializer="zeros")

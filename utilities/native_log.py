@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from utilities import TF_LOG_LEVEL_CHOSEN
 
 # What every CPU-only start prints: absl's pre-init banner, the CUDA stub and driver probe, the CPU
-# feature note and its "rebuild TensorFlow" advice.
+# feature note and its "rebuild TensorFlow" advice, and (on CPUs oneDNN optimises for) its notice.
 NOISE = re.compile(
     r"All log messages before absl::InitializeLog\(\)|cudart_stub\.cc|cuda_platform\.cc.*cuInit|"
+    r"port\.cc.*oneDNN custom operations are on|"
     r"cuda_(?:dnn|fft|blas)\.cc.*(?:Unable to register|factory)|cpu_feature_guard\.cc|"
     r"^To enable the following instructions|computation_placer\.cc.*already registered"
 )

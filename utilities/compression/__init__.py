@@ -15,7 +15,7 @@ saves what they produce, evaluates it (`utilities.evaluation.variants`), sizes i
 - order: pruning → distillation → (--calibrate: a temperature fitted and folded into the float model
   and each Keras variant, `utilities.evaluation.calibration`) → quantization, which converts the float model and
   every Keras model produced before it, so TFLite variants carry the temperature;
-- a step that fails becomes that variant's `{"error": "<Type>: <one line>"}`, logged in one line;
+- a step that fails becomes that variant's `VariantMetrics(error="<Type>: <one line>")`, logged in one line;
   the other steps still run and their files stay written.
 
 Modules: `pruning` (schedule, wrappers, `prune`), `distillation` (student, loss, Distiller,
@@ -40,6 +40,7 @@ from utilities.errors import one_line
 from utilities.evaluation import metrics as evaluation
 from utilities.evaluation import variants as variant_eval
 from utilities.evaluation.calibration import calibrate
+from utilities.evaluation.results import VariantMetrics
 from utilities.evaluation.variants import VariantResult
 from utilities.model import save_recalibrated
 from utilities.run.config import Config
@@ -79,7 +80,7 @@ def check_inputs(config: Config, train_examples: int | None = None, load_teacher
 def run_variants(
     config: Config, model, datasets, folder: RunFolder, strategy, tracker, reference: VariantResult | None = None
 ) -> dict[str, VariantResult]:
-    """Run the chosen steps; {variant: its VariantResult, metrics {"error": one line} if it failed}.
+    """Run the chosen steps; {variant: its VariantResult, metrics only an `error` line if it failed}.
 
     `reference` is the float model's VariantResult (pass the one already computed to skip
     re-evaluating the float model); its val probabilities give every variant's `agreement`.
@@ -127,13 +128,12 @@ class Driver:
         try:
             product, info = step.produce(model, self.datasets, self.strategy)
             result = self.evaluate(name, product, model)
-            result.metrics.update(info, **extra)
-            add_size_ratio(result.metrics, self.reference.metrics)
+            result.metrics = with_size_ratio(result.metrics.with_values(**info, **extra), self.reference.metrics)
         except Exception as exc:  # one variant never takes the others down
             message = f"{type(exc).__name__}: {one_line(exc)}"
             log.error("variant %s failed: %s", name, message)
             log.debug("variant %s traceback", name, exc_info=True)
-            self.results[name] = VariantResult({"error": message})
+            self.results[name] = VariantResult(VariantMetrics(error=message))
             return
         log_variant(name, result.metrics)
         self.results[name] = result
@@ -151,7 +151,7 @@ class Driver:
         # BatchNorm trained along (a fine-tuned backbone, the student): statistics re-estimated first.
         batchnorm_batches = save_recalibrated(product, path, clean_train(self.datasets))
         result = variant_eval.evaluate_keras(product, self.datasets, path, self.reference, self.resamples)
-        result.metrics["batchnorm_batches"] = batchnorm_batches
+        result.metrics = result.metrics.with_values(batchnorm_batches=batchnorm_batches)
         return result
 
 
@@ -161,22 +161,22 @@ def float_reference(
     """The float model's val/test predictions (for agreement) and, if saved, its size."""
     reference = variant_eval.evaluate_predict_fn(variant_eval.keras_predict_fn(model), datasets, None, resamples)
     if saved_path is not None and Path(saved_path).exists():
-        reference.metrics.update(evaluation.artifact_size(saved_path))
+        reference.metrics = reference.metrics.with_values(**evaluation.artifact_size(saved_path))
     return reference
 
 
-def add_size_ratio(metrics: dict[str, Any], reference: dict[str, Any]) -> None:
+def with_size_ratio(metrics: VariantMetrics, reference: VariantMetrics) -> VariantMetrics:
     """`gzip_ratio_vs_float`: the float model's gzip size over this variant's (2.0 = half the size)."""
-    if reference.get("gzip_bytes") and metrics.get("gzip_bytes"):
-        metrics["gzip_ratio_vs_float"] = round(reference["gzip_bytes"] / metrics["gzip_bytes"], 3)
+    if not (reference.gzip_bytes and metrics.gzip_bytes):
+        return metrics
+    return metrics.with_values(gzip_ratio_vs_float=round(reference.gzip_bytes / metrics.gzip_bytes, 3))
 
 
-def log_variant(name: str, metrics: dict[str, Any]) -> None:
+def log_variant(name: str, metrics: VariantMetrics) -> None:
     """One line: `pruned: sparsity 0.500, val balanced accuracy 0.870`, `student: … (distiller)`."""
-    parts = [] if "sparsity_overall" not in metrics else [f"sparsity {metrics['sparsity_overall']:.3f}"]
-    parts.append(f"val balanced accuracy {metrics['val']['balanced_accuracy']:.3f}")
-    training = metrics.get("training")
-    log.info("%s: %s%s", name, ", ".join(parts), f" ({training['path']})" if training else "")
+    parts = [] if metrics.sparsity_overall is None else [f"sparsity {metrics.sparsity_overall:.3f}"]
+    parts.append(f"val balanced accuracy {metrics.val.balanced_accuracy:.3f}")
+    log.info("%s: %s%s", name, ", ".join(parts), f" ({metrics.training.path})" if metrics.training else "")
 
 
 def clean_train(datasets) -> Any:

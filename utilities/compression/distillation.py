@@ -23,7 +23,7 @@ import tf_keras
 
 from utilities.compression.losses import DistillationLoss, batch_loss, class_weight_vector, epoch_metrics
 from utilities.compression.replica_loop import ReplicaLoop
-from utilities.data.schema import METADATA_SIZE, NUM_CLASSES
+from utilities.data.schema import HEADLINE, METADATA_SIZE, NUM_CLASSES
 from utilities.errors import one_line
 from utilities.model import FusionLayer, ModelError, load_model
 from utilities.run.callbacks import EpochLogger, ResumeProbe, epoch_row, fit_callbacks
@@ -153,7 +153,7 @@ def _fit_distiller(
     history = distiller.fit(
         datasets.train, validation_data=datasets.val, epochs=epochs, callbacks=callbacks, verbose=verbose
     )
-    scores = history.history.get("val_balanced_accuracy", [])
+    scores = history.history.get(f"val_{HEADLINE}", [])
     return {
         "path": "distiller",
         "resumed_from_epoch": probe.start_epoch or 0,

@@ -21,6 +21,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities.compression.losses import DistillationLoss, batch_loss, epoch_metrics
+from utilities.data.schema import HEADLINE
 from utilities.errors import CompressionError
 from utilities.progress import Progress
 
@@ -130,7 +131,7 @@ class ReplicaLoop:
         for epoch in range(start, epochs):
             logs = self.run_epoch(train, val, epoch)
             on_epoch_end(epoch, logs)
-            if state.end_epoch(epoch, logs["val_balanced_accuracy"], patience):
+            if state.end_epoch(epoch, logs[f"val_{HEADLINE}"], patience):
                 break
         state.restore_best()
         return {

@@ -8,7 +8,7 @@ One `tf.train.Example` per image:
   image_name bytes, optional, 1 value: the ISIC image id (tools.prepare writes it; the original's records
            have none, and evaluation then names a row `split/shard/index`)
 Also the ISIC 2019 folder layout (image folder, the two CSVs and their columns) that tools.prepare reads
-and tools.demo_data writes. This module has no TensorFlow import so tools and `--help` stay fast.
+and tools.demo_data writes, and the headline metric's name. This module has no TensorFlow import so tools and `--help` stay fast.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ METADATA_NAMES: tuple[str, ...] = (
     + tuple(f"sex_{s}" for s in SEXES)
 )
 NUM_CLASSES = len(CLASS_NAMES)
+# The ISIC challenge's metric (mean recall over the classes present): what a run is judged by — the Keras
+# metric's name (early stopping on "val_" + it), metrics.json's "headline", the hyperparameter-tuning tag.
+HEADLINE = "balanced_accuracy"
 METADATA_SIZE = len(METADATA_NAMES)  # 28
 DEFAULT_IMAGE_SIZE = 256
 SPLITS: tuple[str, ...] = ("train", "val", "test")

@@ -14,7 +14,7 @@ the records' 28-column multi-hot (N, 28). Every returned value is JSON-ready:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from utilities.data.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, PROBABILITY_FLOOR, SEXES, SITES
 from utilities.evaluation.metrics import _check_inputs
+from utilities.evaluation.results import GroupMetrics
 
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 _SPECIFICITIES = (0.80, 0.95)  # triage operating points
@@ -333,18 +334,19 @@ def subgroups(y_true, probs, metadata, class_names: Sequence[str] = CLASS_NAMES)
 MIN_SUPPORT = 20  # groups with fewer images are listed, not compared: one image moves them by ≥ 0.05
 
 
-def largest_gap(subgroups_dict: dict, min_support: int = MIN_SUPPORT) -> dict | None:
+def largest_gap(
+    subgroups_of_split: Mapping[str, Mapping[str, GroupMetrics]], min_support: int = MIN_SUPPORT
+) -> dict | None:
     """The attribute whose groups (n >= min_support) differ most in balanced accuracy, or None.
 
-    Returns {"attribute", "best", "best_balanced_accuracy", "worst", "worst_balanced_accuracy",
-    "gap", "min_support"}; None when no attribute has two eligible groups.
+    `subgroups_of_split` is a `SplitMetrics.subgroups`. Returns {"attribute", "best",
+    "best_balanced_accuracy", "worst", "worst_balanced_accuracy", "gap", "min_support"}; None when no
+    attribute has two eligible groups.
     """
     found = None
-    for attribute, groups in subgroups_dict.items():
+    for attribute, groups in subgroups_of_split.items():
         scores = {
-            g: m["balanced_accuracy"]
-            for g, m in groups.items()
-            if (m.get("n") or 0) >= min_support and m.get("balanced_accuracy") is not None
+            g: m.balanced_accuracy for g, m in groups.items() if m.n >= min_support and m.balanced_accuracy is not None
         }
         if len(scores) < 2:
             continue

@@ -12,6 +12,7 @@ float rounding; tests/test_evaluate checks it) and `calibration` records T and E
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ import tf_keras
 
 from utilities.data.records import Identities
 from utilities.evaluation import analysis
+from utilities.evaluation.results import Calibration
 from utilities.evaluation.variants import RESAMPLES, VariantResult, split_metrics
 from utilities.model import load_model, save_model, set_temperature
 
@@ -41,25 +43,27 @@ def calibrate(
     exported = load_model(saved)  # the saved file, BatchNorm statistics re-estimated as exported
     set_temperature(exported, temperature)
     save_model(exported, saved)
-    before = {split: result.metrics[split] for split in ("val", "test")}
+    before = {"val": result.metrics.val, "test": result.metrics.test}
+    after = {}
     for split in before:
         probs = analysis.apply_temperature(result.probabilities[split], temperature).astype(np.float32)
         who = (identities or {}).get(split)
-        result.metrics[split] = split_metrics(result.labels[split], probs, who, resamples)
+        after[split] = split_metrics(result.labels[split], probs, who, resamples)
         result.probabilities[split] = probs
-    result.metrics["calibration"] = {
-        "temperature": temperature,
-        "ece_before": {split: m["ece"] for split, m in before.items()},
-        "ece_after": {split: result.metrics[split]["ece"] for split in before},
-        "balanced_accuracy_before": {split: m["balanced_accuracy"] for split, m in before.items()},
-        "macro_auc_before": {split: m["macro_auc"] for split, m in before.items()},  # AUCs may move (README)
-        "reliability_before": before["test"]["reliability"],  # the report draws it beside the calibrated one
-    }
+    record = Calibration(
+        temperature=temperature,
+        ece_before={split: m.ece for split, m in before.items()},
+        ece_after={split: m.ece for split, m in after.items()},
+        balanced_accuracy_before={split: m.balanced_accuracy for split, m in before.items()},
+        macro_auc_before={split: m.macro_auc for split, m in before.items()},  # AUCs may move (README)
+        reliability_before=before["test"].reliability,  # the report draws it beside the calibrated one
+    )
+    result.metrics = dataclasses.replace(result.metrics, **after, calibration=record)
     log.info(
         "calibrated %s: temperature %.3f, val ECE %.3f → %.3f",
         saved.name,
         temperature,
-        before["val"]["ece"],
-        result.metrics["val"]["ece"],
+        before["val"].ece,
+        after["val"].ece,
     )
     return temperature

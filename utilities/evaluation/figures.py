@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from utilities.evaluation.analysis import MIN_SUPPORT
+from utilities.evaluation.results import GroupMetrics, Reliability
 
 MIN_SUBGROUP_SUPPORT = MIN_SUPPORT  # subgroups with fewer test images are shown but not compared (too noisy)
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
@@ -124,15 +125,15 @@ def _grid(n: int, max_columns: int) -> tuple[int, int]:
 
 
 def plot_reliability(
-    panels: dict[str, dict],
+    panels: dict[str, Reliability],
     path: str | os.PathLike,
-    before: dict[str, dict] | None = None,
-    val: dict[str, dict] | None = None,
+    before: dict[str, Reliability] | None = None,
+    val: dict[str, Reliability] | None = None,
 ) -> Path:
     """PNG with one reliability diagram per variant: accuracy vs mean confidence per bin, and the diagonal.
 
-    `panels` maps variant name → the test split's `reliability` dict (`bins`, `ece`, per-bin
-    `confidence`, `accuracy` (None for an empty bin) and `count`); point area grows with the bin's count.
+    `panels` maps variant name → the test split's `Reliability` (`bins`, `ece`, per-bin `confidence`,
+    `accuracy` (None for an empty bin) and `count`); point area grows with the bin's count.
     `val`: the same for the validation split, drawn as a thinner line; `before`: for temperature-scaled
     variants, the test split before scaling, in grey. Under each diagram, on its own axis, the share of
     the test images in each equal-width confidence bin.
@@ -153,10 +154,10 @@ def plot_reliability(
             _reliability_curve(ax, val[name], "C1", "val")
         _reliability_points(ax, reliability)
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1, label="perfectly calibrated")
-        ece = reliability.get("ece")
-        was = f"{before[name]['ece']:.3f} → " if name in before and before[name].get("ece") is not None else ""
-        val_ece = val.get(name, {}).get("ece")
-        title = name if ece is None else f"{name}  test ECE {was}{ece:.3f}"
+        ece = reliability.ece
+        was = f"{before[name].ece:.3f} → " if name in before else ""
+        val_ece = val[name].ece if name in val else None
+        title = f"{name}  test ECE {was}{ece:.3f}"
         ax.set_title(title if val_ece is None else f"{title}, val {val_ece:.3f}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
@@ -173,22 +174,20 @@ def plot_reliability(
     return _save(fig, path)
 
 
-def _reliability_curve(ax, reliability: dict, colour: str, label: str) -> None:
+def _reliability_curve(ax, reliability: Reliability, colour: str, label: str) -> None:
     """Accuracy per filled bin as a line with small markers."""
-    points = [
-        (c, a) for c, a in zip(reliability["confidence"], reliability["accuracy"], strict=False) if None not in (c, a)
-    ]
+    points = [(c, a) for c, a in zip(reliability.confidence, reliability.accuracy, strict=False) if None not in (c, a)]
     if points:
         conf, acc = zip(*points, strict=True)
         ax.plot(conf, acc, color=colour, linewidth=1, marker="o", markersize=3, zorder=2, label=label)
 
 
-def _reliability_points(ax, reliability: dict) -> None:
+def _reliability_points(ax, reliability: Reliability) -> None:
     """The test curve: accuracy per filled bin, point area ∝ the bin's images."""
-    counts = np.asarray(reliability["count"], dtype=float)
+    counts = np.asarray(reliability.count, dtype=float)
     filled = [
         (conf, acc, count)
-        for conf, acc, count in zip(reliability["confidence"], reliability["accuracy"], counts, strict=False)
+        for conf, acc, count in zip(reliability.confidence, reliability.accuracy, counts, strict=False)
         if conf is not None and acc is not None
     ]
     if filled:
@@ -198,10 +197,10 @@ def _reliability_points(ax, reliability: dict) -> None:
         ax.scatter(conf, acc, s=area, color="C0", zorder=4, clip_on=False, label="test (area ∝ images)")
 
 
-def _reliability_share(ax, reliability: dict, first: bool) -> None:
+def _reliability_share(ax, reliability: Reliability, first: bool) -> None:
     """Bars: the share of images in each confidence bin, on an axis of their own under the diagram."""
-    bins = int(reliability.get("bins") or len(reliability["count"]))
-    counts = np.asarray(reliability["count"], dtype=float)
+    bins = reliability.bins
+    counts = np.asarray(reliability.count, dtype=float)
     ax.bar(
         (np.arange(bins) + 0.5) / bins, counts / max(counts.sum(), 1.0), width=1.0 / bins, color="0.8", edgecolor="0.6"
     )
@@ -223,7 +222,7 @@ def _bar_colour(value: float | None, count: int, low: float | None, min_support:
 
 
 def plot_subgroups(
-    subgroups: dict[str, dict[str, dict]],
+    subgroups: dict[str, dict[str, GroupMetrics]],
     path: str | os.PathLike,
     overall: float | None = None,
     min_support: int = MIN_SUBGROUP_SUPPORT,
@@ -231,7 +230,7 @@ def plot_subgroups(
 ) -> Path:
     """PNG with one panel per attribute (sex, age, site): balanced accuracy per group as horizontal bars.
 
-    `subgroups` is a split's `subgroups` dict (attribute → group → {"n", "balanced_accuracy", …});
+    `subgroups` is a split's `subgroups` (attribute → group → GroupMetrics);
     `overall` (the split's balanced accuracy) is a dashed line; groups below `low` (the lower end of its
     95 % interval) are orange, groups with fewer than `min_support` images grey and hatched (shown, not
     compared). Each bar ends in a tick, so a group at 0 is still seen; values and counts stand right of
@@ -244,8 +243,8 @@ def plot_subgroups(
     axes = fig.subplots(len(attributes), 1, squeeze=False, sharex=True, gridspec_kw=grid)[:, 0]
     drawn: set[str] = set()
     for ax, (attribute, groups) in zip(axes, attributes.items(), strict=True):
-        values = [stats.get("balanced_accuracy") for stats in groups.values()]
-        counts = [int(stats.get("n") or 0) for stats in groups.values()]
+        values = [stats.balanced_accuracy for stats in groups.values()]
+        counts = [stats.n for stats in groups.values()]
         colours = [_bar_colour(v, n, low, min_support) for v, n in zip(values, counts, strict=True)]
         drawn.update(c for c, v in zip(colours, values, strict=True) if v is not None)
         positions = np.arange(len(groups))

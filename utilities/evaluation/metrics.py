@@ -4,7 +4,7 @@ Pure numpy / scikit-learn; nothing here imports TensorFlow, so it also evaluates
 works in tools without a model:
 
     y_true, probs = predict(model.predict_on_batch, test_ds)
-    metrics = compute_metrics(y_true, probs)              # JSON-serialisable
+    metrics = compute_metrics(y_true, probs)              # JSON-ready (results.SplitMetrics reads it)
 
 Conventions: `y_true` are integer class ids (N,), `probs` class probabilities (N, C) in
 `CLASS_NAMES` order; the headline metric is balanced accuracy (mean recall over the classes that
@@ -26,14 +26,6 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
 from utilities.data.schema import CLASS_NAMES
-
-HEADLINE = "balanced_accuracy"  # the metric a run is judged by: early stopping, model choice, metrics.json
-
-
-def metrics_document(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json's content: the headline metric's name and each variant's metrics, by name."""
-    return {"headline": HEADLINE, "variants": dict(variants)}
-
 
 _CHUNK = 1 << 20  # bytes per read when gzipping files
 

@@ -1,11 +1,11 @@
 """The run's `report.md`: summary, variant and per-class tables, warnings, and its figures.
 
     write_report(run_dir, metrics, record, history, gallery=None)
-    # metrics.json content, run record, Keras history, optional most-confident-mistakes thumbnails
+    # RunMetrics (metrics.json), run record, Keras history, optional most-confident-mistakes thumbnails
 
-Sections and figures from metrics.json's analysis keys (bootstrap intervals, calibration, triage,
-subgroups) appear only when those keys are there, so an older metrics.json renders as before.
-The figures are drawn by `utilities.evaluation.figures`; no TensorFlow.
+Sections and figures from the optional analysis fields (bootstrap intervals, calibration, subgroups)
+appear only when those fields are there. The figures are drawn by `utilities.evaluation.figures`;
+no TensorFlow.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from utilities.evaluation.figures import (
     plot_subgroups,
     plot_training_curves,
 )
+from utilities.evaluation.results import GroupMetrics, Reliability, RunMetrics, SplitMetrics, VariantMetrics
 from utilities.run.folder import RunRecord
 
 REPORT_MD = "report.md"
@@ -82,13 +83,9 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return f"{row[key]:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def _interval_note(metrics: dict) -> list[str]:
+def _interval_note(metrics: RunMetrics) -> list[str]:
     """One line saying what the headline intervals are (level and resamples), if any variant has them."""
-    settings = {
-        (ci.get("level", 0.95), ci.get("resamples"))
-        for variant in metrics.get("variants", {}).values()
-        if (ci := (variant.get("test") or {}).get("ci95"))
-    }
+    settings = {(m.ci95.level, m.ci95.resamples) for m in _tests(metrics).values() if m.ci95}
     if not settings:
         return []
     how = "; ".join(
@@ -98,67 +95,68 @@ def _interval_note(metrics: dict) -> list[str]:
     return [f"Brackets: {how}.", ""]
 
 
-def _headline_section(metrics: dict) -> list[str]:
+def _headline_section(metrics: RunMetrics) -> list[str]:
     rows = [[_cell(row, key, kind) for _, key, kind in _HEADLINE_COLUMNS] for row in comparison_rows(metrics)]
     warnings = [f"> **Warning:** {line}." for line in collapse_warnings(metrics)]
     table = _md_table([h for h, _, _ in _HEADLINE_COLUMNS], rows)
     return ["## Variants", "", *table, "", *_interval_note(metrics), *warnings, ""]
 
 
-def _split_metrics(variant: dict) -> dict:
-    """The variant's test metrics, or its val metrics when it was not tested."""
-    return variant.get("test") or variant.get("val") or {}
+def _tests(metrics: RunMetrics) -> dict[str, SplitMetrics]:
+    """Each scored variant's test metrics (its val metrics when it was not tested), the headline variant first."""
+    scored = metrics.scored()
+    first = {HEADLINE_VARIANT: scored[HEADLINE_VARIANT]} if HEADLINE_VARIANT in scored else {}
+    return {name: v.test or v.val for name, v in {**first, **scored}.items()}
 
 
-def _per_class_section(metrics: dict, key: str = "per_class_recall", title: str = "Per-class recall") -> list[str]:
+def _per_class_section(
+    metrics: RunMetrics, key: str = "per_class_recall", title: str = "Per-class recall"
+) -> list[str]:
     """Table class × variant of a per-class metric (recall, AUC) of each variant's test split."""
-    variants = {name: _split_metrics(v) for name, v in metrics.get("variants", {}).items()}
-    variants = {name: m for name, m in variants.items() if m.get(key)}
-    if not variants:
+    tests = {name: m for name, m in _tests(metrics).items() if getattr(m, key) is not None}
+    if not tests:
         return []
-    reference = variants.get(HEADLINE_VARIANT) or next(iter(variants.values()))
-    classes = list(reference[key])
-    support = reference.get("support", {})
-    rows = [[c, _fmt(support.get(c), "int"), *(_fmt(m[key].get(c)) for m in variants.values())] for c in classes]
-    return [f"## {title} (test)", "", *_md_table(["class", "support", *variants], rows), ""]
+    reference = next(iter(tests.values()))
+    by_variant = {name: getattr(m, key) for name, m in _ordered(metrics, tests).items()}
+    rows = [
+        [c, _fmt(reference.support.get(c), "int"), *(_fmt(values.get(c)) for values in by_variant.values())]
+        for c in getattr(reference, key)
+    ]
+    return [f"## {title} (test)", "", *_md_table(["class", "support", *by_variant], rows), ""]
+
+
+def _ordered(metrics: RunMetrics, by_name: dict[str, Any]) -> dict[str, Any]:
+    """`by_name` in metrics.json's variant order."""
+    return {name: by_name[name] for name in metrics.variants if name in by_name}
 
 
 # ── calibration, triage, subgroups (metrics.json's analysis keys; each section only with its data) ──
 
 
-def _splits(variant: dict) -> tuple[dict, dict]:
-    return variant.get("val") or {}, variant.get("test") or {}
-
-
-def _calibration_section(metrics: dict, run_dir: Path) -> list[str]:
+def _calibration_section(metrics: RunMetrics, run_dir: Path) -> list[str]:
     """ECE per variant and split; for temperature-scaled variants, before → after; the reliability figure."""
-    variants = metrics.get("variants", {})
-    calibrated = {name: v for name, v in variants.items() if v.get("calibration")}
+    variants = metrics.scored()
+    calibrated = {name: v for name, v in variants.items() if v.calibration}
     lines = [*_ece_table(variants), *(_temperature_table(calibrated) if calibrated else [])]
     if not lines:
         return []
     if panels := _reliability_panels(metrics):
-        before = {
-            name: v["calibration"]["reliability_before"]
-            for name, v in calibrated.items()
-            if name in panels and v["calibration"].get("reliability_before")
-        }
+        before = {name: v.calibration.reliability_before for name, v in calibrated.items() if name in panels}
         plot_reliability(panels, run_dir / RELIABILITY_PNG, before, _reliability_panels(metrics, "val"))
         lines += [f"![reliability diagrams]({RELIABILITY_PNG})", ""]
     return ["## Calibration", "", *lines]
 
 
-def _ece_table(variants: dict[str, dict]) -> list[str]:
+def _ece_table(variants: dict[str, VariantMetrics]) -> list[str]:
     """Variant × (val ECE, test ECE) and what ECE is; nothing when no variant has one."""
-    eces = {name: tuple(split.get("ece") for split in _splits(v)) for name, v in variants.items()}
+    eces = {name: tuple(m.ece if m else None for m in (v.val, v.test)) for name, v in variants.items()}
     rows = [
         [name, _fmt(val, "p3"), _fmt(test, "p3")] for name, (val, test) in eces.items() if (val, test) != (None, None)
     ]
     if not rows:
         return []
-    reliability = [split.get("reliability") or {} for v in variants.values() for split in _splits(v)]
-    bins = next((r["bins"] for r in reliability if r.get("bins")), None)
-    binning = f"{bins} equal-width confidence bins" if bins else "equal-width confidence bins"
+    diagrams = [m.reliability for v in variants.values() for m in v.splits().values() if m.reliability]
+    binning = f"{diagrams[0].bins} equal-width confidence bins" if diagrams else "equal-width confidence bins"
     note = (
         f"ECE: expected calibration error, the image-weighted mean |accuracy − confidence| over {binning}; "
         "0 is perfectly calibrated. A temperature-scaled variant's values are those after scaling."
@@ -170,22 +168,22 @@ def _before_after(before: Any, after: Any) -> str:
     return f"{_fmt(before, 'p3')} → {_fmt(after, 'p3')}"
 
 
-def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
+def _temperature_table(calibrated: dict[str, VariantMetrics]) -> list[str]:
     """Temperature, ECE and balanced accuracy before → after scaling; a warning if the accuracy moved."""
     header = ["variant", "temperature", "val ECE", "test ECE", "val bal. acc.", "test bal. acc.", "test macro AUC"]
     rows, warnings = [], []
     for name, variant in calibrated.items():
-        cal, splits = variant["calibration"], dict(zip(("val", "test"), _splits(variant), strict=True))
-        ece_before, ece_after = cal.get("ece_before") or {}, cal.get("ece_after") or {}
-        acc_before = cal.get("balanced_accuracy_before") or {}
-        row = [name, _fmt(cal.get("temperature"), "p3")]
-        row += [_before_after(ece_before.get(s), ece_after.get(s, splits[s].get("ece"))) for s in splits]
-        row += [_before_after(acc_before.get(s), splits[s].get("balanced_accuracy")) for s in splits]
-        row.append(_before_after((cal.get("macro_auc_before") or {}).get("test"), splits["test"].get("macro_auc")))
+        cal, splits = variant.calibration, variant.splits()
+        row = [name, _fmt(cal.temperature, "p3")]
+        row += [_before_after(cal.ece_before.get(s), cal.ece_after.get(s, m.ece)) for s, m in splits.items()]
+        row += [_before_after(cal.balanced_accuracy_before.get(s), m.balanced_accuracy) for s, m in splits.items()]
+        row.append(
+            _before_after(cal.macro_auc_before.get("test"), splits["test"].macro_auc if "test" in splits else None)
+        )
         rows.append(row)
         for split, m in splits.items():
-            before, after = acc_before.get(split), m.get("balanced_accuracy")
-            if before is not None and after is not None and abs(before - after) > 1e-9:
+            before, after = cal.balanced_accuracy_before.get(split), m.balanced_accuracy
+            if before is not None and abs(before - after) > 1e-9:
                 warnings.append(
                     f"> **Warning:** {name}'s {split} balanced accuracy changed with temperature scaling "
                     f"({before:.4f} → {after:.4f}); one temperature cannot change a prediction."
@@ -207,14 +205,11 @@ def _temperature_table(calibrated: dict[str, dict]) -> list[str]:
     ]
 
 
-def _reliability_panels(metrics: dict, split: str = "test") -> dict[str, dict]:
-    """Variant → its `split`'s `reliability` dict, for variants that have one with at least one filled bin."""
-    panels = {}
-    for name, variant in metrics.get("variants", {}).items():
-        reliability = (variant.get(split) or {}).get("reliability")
-        if reliability and any(c is not None for c in reliability.get("confidence", [])):
-            panels[name] = {"ece": (variant.get(split) or {}).get("ece"), **reliability}
-    return panels
+def _reliability_panels(metrics: RunMetrics, split: str = "test") -> dict[str, Reliability]:
+    """Variant → its `split`'s reliability diagram, for scored variants with at least one filled bin."""
+    panels = {name: getattr(v, split) for name, v in metrics.scored().items()}
+    panels = {name: m.reliability for name, m in panels.items() if m is not None and m.reliability is not None}
+    return {name: r for name, r in panels.items() if any(c is not None for c in r.confidence)}
 
 
 _MALIGNANT = "MEL, BCC, SCC, AK"
@@ -225,15 +220,13 @@ def _spec_label(key: str) -> str:
     return f"sens. @ {float(key):.0%} spec."
 
 
-def _triage_section(metrics: dict) -> list[str]:
+def _triage_section(metrics: RunMetrics) -> list[str]:
     """Per variant and binary task (test): positives, negatives, AUC, sensitivity at fixed specificities."""
-    triage = {name: (v.get("test") or {}).get("triage") for name, v in metrics.get("variants", {}).items()}
-    triage = {name: t for name, t in triage.items() if t}
+    triage = {name: m.triage for name, m in _ordered(metrics, _tests(metrics)).items() if m.triage}
     if not triage:
         return []
     specs = sorted(
-        {k for t in triage.values() for task in t.values() for k in task.get("sensitivity_at_specificity", {})},
-        key=float,
+        {k for t in triage.values() for task in t.values() for k in task.sensitivity_at_specificity}, key=float
     )
     rows = []
     for name, tasks in triage.items():
@@ -241,15 +234,14 @@ def _triage_section(metrics: dict) -> list[str]:
             if task not in tasks:
                 continue
             t = tasks[task]
-            sens = t.get("sensitivity_at_specificity") or {}
             rows.append(
                 [
                     name,
                     label,
-                    _fmt(t.get("positives"), "int"),
-                    _fmt(t.get("negatives"), "int"),
-                    _fmt(t.get("auc"), "p3"),
-                    *(_fmt(sens.get(k), "p3") for k in specs),
+                    _fmt(t.positives, "int"),
+                    _fmt(t.negatives, "int"),
+                    _fmt(t.auc, "p3"),
+                    *(_fmt(t.sensitivity_at_specificity.get(k), "p3") for k in specs),
                 ]
             )
     header = ["variant", "task", "positives", "negatives", "AUC", *map(_spec_label, specs)]
@@ -260,7 +252,7 @@ def _triage_section(metrics: dict) -> list[str]:
     return ["## Triage (test)", "", *_md_table(header, rows), "", note, ""]
 
 
-def _gap_sentence(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_SUBGROUP_SUPPORT) -> str:
+def _gap_sentence(subgroups: dict[str, dict[str, GroupMetrics]], min_support: int = MIN_SUBGROUP_SUPPORT) -> str:
     gap = largest_gap(subgroups, min_support)
     if gap is None:
         return f"No attribute has two groups with ≥ {min_support} test images, so no gap between groups is named."
@@ -268,32 +260,29 @@ def _gap_sentence(subgroups: dict[str, dict[str, dict]], min_support: int = MIN_
     best, worst = groups[gap["best"]], groups[gap["worst"]]
     return (
         f"Largest gap between groups with ≥ {min_support} test images: by {gap['attribute']}, "
-        f"{gap['worst']} {worst['balanced_accuracy']:.3f} (n={worst['n']}) vs {gap['best']} "
-        f"{best['balanced_accuracy']:.3f} (n={best['n']}), {gap['gap']:.3f} balanced accuracy apart."
+        f"{gap['worst']} {worst.balanced_accuracy:.3f} (n={worst.n}) vs {gap['best']} "
+        f"{best.balanced_accuracy:.3f} (n={best.n}), {gap['gap']:.3f} balanced accuracy apart."
     )
 
 
-def _headline_subgroups(metrics: dict) -> dict[str, dict[str, dict]]:
-    return ((metrics.get("variants", {}).get(HEADLINE_VARIANT) or {}).get("test") or {}).get("subgroups") or {}
-
-
-def _subgroup_section(metrics: dict, run_dir: Path) -> list[str]:
+def _subgroup_section(metrics: RunMetrics, run_dir: Path) -> list[str]:
     """Per attribute a table group × (n, balanced accuracy, per-class recall), the largest gap, the figure."""
-    subgroups = {attribute: groups for attribute, groups in _headline_subgroups(metrics).items() if groups}
-    if not subgroups:
+    model = metrics.variants.get(HEADLINE_VARIANT)
+    test = model.test if model else None
+    subgroups = {attribute: groups for attribute, groups in (test.subgroups or {}).items() if groups} if test else {}
+    if test is None or not subgroups:
         return []
-    test = metrics["variants"][HEADLINE_VARIANT].get("test") or {}
-    low = ((test.get("ci95") or {}).get("balanced_accuracy") or [None])[0]
-    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, test.get("balanced_accuracy"), low=low)
+    low = (test.interval("balanced_accuracy") or (None,))[0]
+    plot_subgroups(subgroups, run_dir / SUBGROUPS_PNG, test.balanced_accuracy, low=low)
     lines = [f"## Subgroups ({HEADLINE_VARIANT}, test)", ""]
     for attribute, groups in subgroups.items():
-        classes = list(next((s["per_class_recall"] for s in groups.values() if s.get("per_class_recall")), {}))
+        classes = list(next(iter(groups.values())).per_class_recall)
         rows = [
             [
                 group,
-                _fmt(s.get("n"), "int"),
-                _fmt(s.get("balanced_accuracy"), "p3"),
-                *(_fmt((s.get("per_class_recall") or {}).get(c), "p3") for c in classes),
+                _fmt(s.n, "int"),
+                _fmt(s.balanced_accuracy, "p3"),
+                *(_fmt(s.per_class_recall.get(c), "p3") for c in classes),
             ]
             for group, s in groups.items()
         ]
@@ -325,9 +314,9 @@ def _gallery_lines(gallery: Sequence[dict] | None, run_dir: Path) -> list[str]:
     ]
 
 
-def _fusion_weights(metrics: dict, record: RunRecord | None, history: dict) -> dict[str, float]:
-    """Final fusion branch weights: metrics' or the record's `fusion_weights`, else the last `fusion/*` epoch."""
-    weights = metrics.get("fusion_weights") or (record.fusion_weights if record else None)
+def _fusion_weights(record: RunRecord | None, history: dict) -> dict[str, float]:
+    """Final fusion branch weights: the record's `fusion_weights`, else the last `fusion/*` epoch."""
+    weights = record.fusion_weights if record else None
     if weights:
         return dict(weights)
     return {key.split("/", 1)[1]: values[-1] for key, values in history.items() if key.startswith("fusion/") and values}
@@ -358,21 +347,16 @@ def _summary_section(record: RunRecord | None) -> list[str]:
     return ["## Run", "", *lines, ""]
 
 
-def _headline_confusion(metrics: dict) -> tuple[list[list[int]], list[str], str] | None:
+def _headline_confusion(metrics: RunMetrics) -> tuple[list[list[int]], list[str], str] | None:
     """(confusion matrix, class names, variant) of the headline variant's test split, else of any variant."""
-    variants = metrics.get("variants", {})
-    ordered = [HEADLINE_VARIANT] if HEADLINE_VARIANT in variants else []
-    for name in [*ordered, *variants]:
-        split = _split_metrics(variants[name])
-        if split.get("confusion_matrix"):
-            names = list(split.get("per_class_recall") or CLASS_NAMES)
-            return split["confusion_matrix"], names, name
+    for name, split in _tests(metrics).items():
+        return split.confusion_matrix, list(split.per_class_recall or CLASS_NAMES), name
     return None
 
 
 def write_report(
     run_dir: Path,
-    metrics: dict,
+    metrics: RunMetrics,
     record: RunRecord | None,
     history: dict[str, list[float]],
     gallery: Sequence[dict] | None = None,
@@ -380,7 +364,7 @@ def write_report(
     """Write `report.md` plus its figures into `run_dir`; returns the report's path.
 
     Always `training_curves.png`; `confusion_matrix.png`, `subgroups.png`, `reliability.png` and
-    `error_gallery.png` only when their data is there. `metrics` is metrics.json, `record` the run's
+    `error_gallery.png` only when their data is there. `metrics` is metrics.json's RunMetrics, `record` the run's
     record (None: no run section), `history` Keras `History.history` (may be empty), `gallery` the
     headline variant's most confident test mistakes (see `plot_error_gallery`), or None.
     """
@@ -390,7 +374,7 @@ def write_report(
     lines = [f"# Training report: {title}", "", *_summary_section(record), *_headline_section(metrics)]
     lines += [*_per_class_section(metrics), *_per_class_section(metrics, "per_class_auc", "Per-class AUC")]
     lines += [*_subgroup_section(metrics, run_dir), *_triage_section(metrics), *_calibration_section(metrics, run_dir)]
-    lines += [*_fusion_section(_fusion_weights(metrics, record, history)), "## Figures", ""]
+    lines += [*_fusion_section(_fusion_weights(record, history)), "## Figures", ""]
     lines += _gallery_lines(gallery, run_dir)
     confusion = _headline_confusion(metrics)
     if confusion is not None:
@@ -398,7 +382,8 @@ def write_report(
         title = ", ".join(filter(None, [confusion[2], "test split", tag]))
         plot_confusion_matrix(confusion[0], confusion[1], run_dir / CONFUSION_MATRIX_PNG, title)
         lines.append(f"![confusion matrix]({CONFUSION_MATRIX_PNG})")
-    exported_val = ((metrics.get("variants", {}).get(HEADLINE_VARIANT) or {}).get("val") or {}).get("balanced_accuracy")
+    model = metrics.variants.get(HEADLINE_VARIANT)
+    exported_val = model.val.balanced_accuracy if model and model.val else None
     plot_training_curves(history, run_dir / TRAINING_CURVES_PNG, exported_val if history else None)
     lines += [f"![training curves]({TRAINING_CURVES_PNG})", ""]
     if record and record.training and record.training.batchnorm_batches:

@@ -1,7 +1,8 @@
 """Evaluate a model variant (Keras model, TFLite file, …) the same way: metrics, size, latency.
 
-Every variant's entry in metrics.json (`VariantResult.metrics`) has `val` and `test` metric dicts
-(utilities.evaluation.metrics, plus utilities.evaluation.analysis: intervals, calibration, triage, subgroups), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
+Every variant's entry in metrics.json (`VariantResult.metrics`, a `results.VariantMetrics`) has `val`
+and `test` `SplitMetrics` (utilities.evaluation.metrics, plus utilities.evaluation.analysis: intervals,
+calibration, triage, subgroups), `size_bytes`, `gzip_bytes`, `latency_ms` (batch 1), `params` and, for
 compressed variants, `agreement` (top-1 agreement with the float model on validation). The
 predicted probabilities that agreement needs travel beside it (`VariantResult.probabilities`) and
 are never written.
@@ -22,6 +23,7 @@ from utilities.data.schema import CLASS_NAMES
 from utilities.data.shards import DataError
 from utilities.evaluation import analysis
 from utilities.evaluation import metrics as evaluation
+from utilities.evaluation.results import SplitMetrics, VariantMetrics
 
 RESAMPLES = 1000  # bootstrap resamples behind each 95 % interval (--bootstrap)
 PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) → probs (B, 8)
@@ -31,8 +33,7 @@ PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) →
 class VariantResult:
     """One evaluated variant: what metrics.json holds for it, and the probabilities later comparisons need (never written)."""
 
-    # val/test metric dicts, size_bytes, gzip_bytes, latency_ms, params, agreement, … or {"error": "..."}
-    metrics: dict[str, Any]
+    metrics: VariantMetrics  # val/test, size_bytes, gzip_bytes, latency_ms, params, agreement, … or only error
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # split ("val", "test") → (N, 8)
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # split → true class ids (N,), same order
 
@@ -49,14 +50,16 @@ def first_example(dataset) -> dict[str, tf.Tensor]:
     return features
 
 
-def split_metrics(y_true: np.ndarray, probs: np.ndarray, who: Identities | None, resamples: int = RESAMPLES) -> dict:
+def split_metrics(
+    y_true: np.ndarray, probs: np.ndarray, who: Identities | None, resamples: int = RESAMPLES
+) -> SplitMetrics:
     """One split's metrics (utilities.evaluation.metrics) and analysis (utilities.evaluation.analysis): 95 % intervals
     (`resamples` 0: none), calibration, triage and, when the records' metadata is known (`who`), subgroups."""
     if who is not None and not np.array_equal(who.labels, y_true):
         raise DataError("the evaluated labels differ from the records' labels read before: a shard changed meanwhile")
     metrics = evaluation.compute_metrics(y_true, probs)
     metrics.update(analysis.analyse(y_true, probs, None if who is None else who.metadata, resamples))
-    return metrics
+    return SplitMetrics.from_json(metrics)
 
 
 def evaluate_predict_fn(
@@ -66,14 +69,17 @@ def evaluate_predict_fn(
 
     `datasets` has `.val`, `.test` and, for subgroups and a label check, `.identities` (utilities.data.pipeline).
     """
-    result = VariantResult({})
+    result = VariantResult(VariantMetrics())
     identities = getattr(datasets, "identities", None) or {}
+    scored = {}
     for split in ("val", "test"):
         y_true, probs = evaluation.predict(predict, getattr(datasets, split))
-        result.metrics[split] = split_metrics(y_true, probs, identities.get(split), resamples)
+        scored[split] = split_metrics(y_true, probs, identities.get(split), resamples)
         result.probabilities[split], result.labels[split] = probs, y_true
+    agreement = None
     if reference is not None:
-        result.metrics["agreement"] = evaluation.agreement(reference.probabilities["val"], result.probabilities["val"])
+        agreement = evaluation.agreement(reference.probabilities["val"], result.probabilities["val"])
+    result.metrics = VariantMetrics(**scored, agreement=agreement)
     return result
 
 
@@ -88,9 +94,8 @@ def evaluate_variant(
     """Metrics plus size of the exported artifact and batch-1 latency (median of repeats)."""
     result = evaluate_predict_fn(predict, datasets, reference, resamples)
     one = first_example(datasets.val)
-    result.metrics.update(evaluation.artifact_size(artifact))
-    result.metrics["latency_ms"] = evaluation.latency_ms(lambda: predict(one))
-    result.metrics["params"] = params
+    latency = evaluation.latency_ms(lambda: predict(one))
+    result.metrics = result.metrics.with_values(**evaluation.artifact_size(artifact), latency_ms=latency, params=params)
     return result
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
+from utilities.data.schema import HEADLINE
 from utilities.errors import RunFailure
 from utilities.progress import Progress
 
@@ -164,7 +165,7 @@ def fit_callbacks(
     if patience > 0:
         callbacks.append(
             tf_keras.callbacks.EarlyStopping(
-                monitor="val_balanced_accuracy", mode="max", patience=patience, restore_best_weights=True
+                monitor=f"val_{HEADLINE}", mode="max", patience=patience, restore_best_weights=True
             )
         )
     if tensorboard_dir:

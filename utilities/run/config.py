@@ -25,6 +25,8 @@ from utilities.run.fields import flag, flags, from_env, opt, parse_bool, switch
 
 QUANTIZE_MODES = ("dynamic", "float16", "int8")
 MIN_IMAGE_SIZE = 32  # DenseNet121 without top rejects smaller inputs
+# Where a W&B key can come from: the variable, or the netrc file `wandb login` writes (for this host).
+WANDB_KEY_VARIABLES = ("WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "HOME")
 
 
 # ---------------------------------------------------------------- sections
@@ -303,10 +305,11 @@ class TrackingConfig:
                 help="W&B tracking: -x, -x True or -x False (default: on when a W&B key is set or `wandb login` was run)",
             ),
             flag("--no-tracking", action="store_false", help="no W&B tracking"),
-            env="WANDB_API_KEY",  # or the ~/.netrc entry `wandb login` writes
+            env=WANDB_KEY_VARIABLES,  # WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes
         ),
     )
-    mode: str = from_env("WANDB_MODE", "offline")  # without it: online when a key is present, else offline
+    # WANDB_MODE; without it online when a key is available, else offline (online without a key: offline).
+    mode: str = from_env(("WANDB_MODE", *WANDB_KEY_VARIABLES), "offline")
     project: str = opt("dermaid", "--wandb-project", help="W&B project")
     # WANDB_DIR unset: W&B writes into the run's local folder (tracking.wandb_folder), never the current one.
     wandb_dir: str | None = from_env("WANDB_DIR")
@@ -317,7 +320,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    tf_config: str | None = from_env("TF_CONFIG")  # or Vertex AI's CLUSTER_SPEC translated; JSON text
+    tf_config: str | None = from_env(("TF_CONFIG", "CLUSTER_SPEC"))  # or Vertex AI's CLUSTER_SPEC translated; JSON
     gcp_project: str | None = from_env("GCP_PROJECT")
     bucket: str | None = from_env("GCS_BUCKET_NAME")
     code_commit: str | None = from_env("DERMAID_GIT_COMMIT")  # baked into images (they hold no .git)

@@ -1,6 +1,7 @@
 """Where a `Config` field's value comes from, declared on the field itself: its flag(s) and help
 (`flag`, `switch`, `flags`, or `opt` for a field with a default), and the environment variable read
-when no flag gives one (`env=`, or `from_env` for a field without a flag). `cli.py` reads these
+when no flag gives one (`env=`, or `from_env` for a field without a flag; a field that cli.DERIVED
+computes names every variable its rule reads, the main one first). `cli.py` reads these
 declarations (`source(field)`) to build its parser and fill the `Config`; `parse_bool` is how every
 `[BOOL]` flag and boolean variable is read.
 """
@@ -56,7 +57,7 @@ class Source:
     """Where cli.py takes a field's value from: the flags, then `env` (a variable) when none gave one."""
 
     flags: tuple[Flag, ...] = ()
-    env: str | None = None
+    env: tuple[str, ...] = ()  # the variables it is read from: the main one, then any a derivation reads
     exclusive: bool = False  # the flags contradict each other: cli.py keeps their values apart for `pick`
 
     def pick(self, given: Sequence[Any]) -> Any:
@@ -66,9 +67,16 @@ class Source:
         return chosen[0][1] if chosen else None
 
 
-def flag(*names: str, help: str, env: str | None = None, **options: Any) -> dict[str, Source]:
-    """Field metadata: one flag (all its spellings), its help, and optionally the variable read without it."""
-    return {"source": Source((Flag(names, help, options),), env)}
+Variables = str | tuple[str, ...] | None  # one variable's name, several, or none
+
+
+def _names(env: Variables) -> tuple[str, ...]:
+    return (env,) if isinstance(env, str) else tuple(env or ())
+
+
+def flag(*names: str, help: str, env: Variables = None, **options: Any) -> dict[str, Source]:
+    """Field metadata: one flag (all its spellings), its help, and optionally the variable(s) read without it."""
+    return {"source": Source((Flag(names, help, options),), _names(env))}
 
 
 def switch(*names: str, help: str) -> dict[str, Source]:
@@ -76,19 +84,20 @@ def switch(*names: str, help: str) -> dict[str, Source]:
     return flag(*names, help=help, nargs="?", const=True, type=parse_bool, metavar="BOOL")
 
 
-def flags(*declared: dict[str, Source], env: str | None = None, exclusive: bool = False) -> dict[str, Source]:
+def flags(*declared: dict[str, Source], env: Variables = None, exclusive: bool = False) -> dict[str, Source]:
     """Field metadata: several flags setting one field (the last given wins, or, `exclusive`, only one may be)."""
-    return {"source": Source(tuple(f for d in declared for f in d["source"].flags), env, exclusive)}
+    return {"source": Source(tuple(f for d in declared for f in d["source"].flags), _names(env), exclusive)}
 
 
-def opt(default: Any, /, *names: str, help: str, env: str | None = None, **options: Any) -> Any:
+def opt(default: Any, /, *names: str, help: str, env: Variables = None, **options: Any) -> Any:
     """A field with one flag: `epochs: int = opt(10, "-e", "--epochs", help="epochs")`."""
     return field(default=default, metadata=flag(*names, help=help, env=env, **options))
 
 
-def from_env(name: str, default: str | None = None) -> Any:
-    """A field without a flag that cli.py fills from the variable `name` (or by a rule in cli.DERIVED)."""
-    return field(default=default, metadata={"source": Source(env=name)})
+def from_env(env: str | tuple[str, ...], default: str | None = None) -> Any:
+    """A field without a flag that cli.py fills from the variable `env` (or by a rule in cli.DERIVED over
+    the variables `env` names)."""
+    return field(default=default, metadata={"source": Source(env=_names(env))})
 
 
 def source(f: dataclasses.Field) -> Source | None:
