@@ -15,7 +15,7 @@ cached rows (the sample's features tiled: the head's cost does not depend on the
 fine-tune still read through N's own train pipeline (all N's shards in the file list and interleave, the
 shuffle buffer filled from them) and the cached epoch holds N's whole cache, so whatever grows with N
 stays in their time and peak RSS. Per-image cost and peak RSS should be flat in N (within ±15 % of their median over N). The decode
-table compares prepare's reduced-size JPEG decode (`tools.prepare.load_image`) with a full decode
+table compares prepare's reduced-size JPEG decode (`utilities.data.isic.load_image`) with a full decode
 + area resize on a few images of each size: images/s on one thread, mean absolute difference and PSNR.
 """
 
@@ -227,8 +227,8 @@ def full_decode(path: Path, size: int) -> np.ndarray:
 
 
 def fast_decode(path: Path, size: int) -> np.ndarray:
-    """What prepare stores: `tools.prepare.load_image` (reduced-size DCT decode + anti-aliased resize)."""
-    from tools.prepare import load_image
+    """What prepare stores: `utilities.data.isic.load_image` (reduced-size DCT decode + anti-aliased resize)."""
+    from utilities.data.isic import load_image
 
     return np.frombuffer(load_image(path, size), np.uint8).reshape(size, size, 3)
 

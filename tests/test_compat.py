@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tools.prepare import read_metadata
+from utilities.data.isic import read_metadata
 from utilities.data.schema import (
     AGE_BINS,
     CLASS_NAMES,
