@@ -6,6 +6,7 @@
 
 This is the only module that reads the environment. `--help` does not import TensorFlow.
 Exit codes: 0 success, 2 usage or input error (one line on stderr), 1 failure during the run,
+3 the run is complete but failed its release gate (--gate; latest.json not moved),
 130 interrupted (Ctrl-C), 75 preempted (SIGTERM: a backup of the last step is saved); after either,
 rerun with the printed --run-id to resume.
 """
@@ -27,6 +28,8 @@ from typing import Any
 
 from utilities import native_log
 from utilities.errors import JobError, OneLineParser, one_line
+from utilities.evaluation import gate
+from utilities.evaluation.gate import GATE_FAILED
 from utilities.run.config import Config, sections
 from utilities.run.fields import ConfigError, Source, source
 
@@ -217,6 +220,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         parser.error(str(exc))  # exits 2 with usage
     for note in notes:
         log.info(note)
+    if config.evaluation.gate not in (None, "off"):
+        try:
+            gate.parse(config.evaluation.gate)  # a typo is refused now, not after training
+        except gate.GateError as exc:
+            parser.error(str(exc))
 
     with native_log.quiet(verbose=args.verbose):  # TensorFlow's C++ start-up lines (cuInit on a CPU) dropped
         import training  # TensorFlow is imported only past this point
@@ -241,6 +249,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"error: run failed: {type(exc).__name__}: {one_line(exc)} (use -v for the traceback)", file=sys.stderr)
         return 1
     print_summary(result)
+    verdict = result.record.gate if result.record else None
+    if verdict and not verdict["passed"]:
+        reasons = "; ".join(verdict["reasons"])
+        print(f"error: release gate failed: {reasons}; the run is kept, latest.json not moved", file=sys.stderr)
+        return GATE_FAILED
     return 0
 
 

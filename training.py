@@ -19,6 +19,7 @@ if __name__ == "__main__":  # `python training.py …`, the original's entry poi
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -29,10 +30,11 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from utilities import storage
+from utilities import serving, storage
 from utilities.data import feature_cache, records
 from utilities.data import pipeline as data
-from utilities.evaluation import comparison, report
+from utilities.errors import one_line
+from utilities.evaluation import comparison, gate, model_card, report
 from utilities.evaluation import variants as variant_eval
 from utilities.evaluation.calibration import calibrate
 from utilities.evaluation.predictions import write_predictions
@@ -321,8 +323,9 @@ def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
 
 
 def publish(ctx: RunContext, result: RunResult) -> None:
-    """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export;
-    then run.json and latest.json; then the training backups go (unless --keep-checkpoints)."""
+    """metrics.json, per-image predictions, the report, W&B summary and model, the SavedModel export; the
+    release gate and the model card; then run.json and latest.json (if the gate passed); then the training
+    backups go (unless --keep-checkpoints)."""
     config, folder, tracker, datasets = ctx.config, ctx.folder, ctx.tracker, ctx.datasets
     metrics, record = result.metrics, result.record
     folder.check_lease()  # a run whose folder another process took over publishes nothing
@@ -340,17 +343,50 @@ def publish(ctx: RunContext, result: RunResult) -> None:
     report_hypertune(config, model.val.headline())
     # After evaluation, so that the model's measured size is the .keras file alone.
     if config.output.saved_model or config.output.model_dir:
-        export_saved_model(folder.path("model"))
+        export_saved_model(folder.path("model"), model, config)
     if config.output.model_dir:  # Vertex AI's model registry serves SavedModels
         storage.upload_tree(folder.path("model"), config.output.model_dir)
+    verdict = release_verdict(config, record, metrics)
+    record.gate = verdict.to_json() if verdict else None
+    exported = folder.path("model") / serving.SERVING_JSON
+    card = model_card.model_card(record, metrics, json.loads(exported.read_text()) if exported.exists() else None)
+    model_card.write_model_card(folder.local, card)
+    tracker.log_summary({"model_card": card})
     # run.json is the completion marker: written (and uploaded) after everything else.
     folder.check_lease()
     write_json(folder.path("run.json"), record.to_json())
     publish_files(folder)
-    point_latest_at(config, record)
+    if verdict is None or verdict.passed:
+        point_latest_at(config, record)
+    else:
+        log.warning(
+            "release gate failed (%s): %s; latest.json not moved", verdict.expression, "; ".join(verdict.reasons)
+        )
     log.info("model, metrics and report: %s (report: %s)", folder.uri, written.name)
     if not config.output.keep_checkpoints:  # a complete run is never resumed: its backups only take space
         remove_checkpoints(folder)
+
+
+def release_verdict(config: Config, record: RunRecord, metrics: RunMetrics) -> gate.Verdict | None:
+    """The run judged by --gate, or by default against the run latest.json names when that run scored the
+    same test data (same manifest) with an interval; None: no gate applies."""
+    expression = config.evaluation.gate
+    if expression == "off":
+        return None
+    if expression:
+        return gate.parse(expression).judge(metrics)
+    pointer = storage.join(config.output.output, config.output.model_name, "latest.json")
+    try:
+        latest = json.loads(storage.read_bytes(pointer)) if storage.exists(pointer) else None
+        same_data = latest and record.data and latest.get("manifest_sha256") == record.data.manifest_sha256
+        if not same_data or latest.get("run_id") == record.run_id:
+            return None
+        previous = RunMetrics.from_json(json.loads(storage.read_bytes(storage.join(latest["uri"], "metrics.json"))))
+    except (storage.StorageError, ValueError, KeyError, TypeError) as err:
+        log.warning("no release gate: the latest run's metrics cannot be read (%s)", one_line(err))
+        return None
+    default = gate.previous_run_gate(previous, latest["run_id"])
+    return default.judge(metrics) if default else None
 
 
 def summary_values(model: VariantMetrics) -> dict[str, Any]:
@@ -369,15 +405,36 @@ def summary_values(model: VariantMetrics) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def export_saved_model(model_folder: Path) -> None:
-    """A TF SavedModel in `model_folder`, beside model.keras, as the original exported its model.
+def export_saved_model(model_folder: Path, metrics: VariantMetrics, config: Config) -> None:
+    """A TF SavedModel in `model_folder`, beside model.keras, as the original exported its model, plus
+    `serving.json` (utilities.serving).
 
     It loads where only TensorFlow is installed: `tf.saved_model.load(path).signatures["serving_default"]`
-    (inputs `image`, `metadata`), and `tf_keras.models.load_model(path)` revives it as a Keras model
-    (the fusion layer comes back as a revived layer, as in the original). ~1 min for DenseNet121 on a CPU:
-    Keras traces every layer; `--no-saved-model` skips it where only the .keras file is needed.
+    (inputs `image`, `metadata`: the original's), `signatures["serving_raw"]` (the image file and the
+    metadata CSV's fields in, class names and the triage flag out, at the malignant threshold of
+    validation's --operating-point specificity), and `tf_keras.models.load_model(path)` revives it as a
+    Keras model (the fusion layer comes back as a revived layer, as in the original). ~1 min for
+    DenseNet121 on a CPU: Keras traces every layer; `--no-saved-model` skips it where only the .keras
+    file is needed.
     """
-    load_model(model_folder).save(str(model_folder), include_optimizer=False, save_format="tf")
+    from tf_keras.src.saving.legacy import saving_utils  # Keras' own serving_default, as save() traces it
+
+    specificity = config.evaluation.operating_point
+    malignant = (metrics.val.triage or {}).get("malignant")
+    threshold = malignant.threshold_at_specificity.get(f"{specificity:.2f}") if malignant else None
+    model = load_model(model_folder)
+    signatures = {
+        "serving_default": saving_utils.trace_model_call(model),
+        serving.RAW_SIGNATURE: serving.raw_signature(model, config.data.image_size, threshold),
+    }
+    model.save(str(model_folder), include_optimizer=False, save_format="tf", signatures=signatures)
+    record = serving.serving_record(config.data.image_size, threshold, specificity, config.evaluation.calibrate)
+    serving.write_serving_record(model_folder, record)
+    log.info(
+        "SavedModel: serving_default and serving_raw (malignant flag at %s, val specificity %.2f)",
+        "never" if threshold is None else f"{threshold:.4f}",
+        specificity,
+    )
 
 
 def report_hypertune(config: Config, value: float) -> None:

@@ -184,6 +184,8 @@ def test_each_run_gets_a_new_run_id():
         (["-q", "int4"], "invalid choice"),
         (["-x", "maybe"], "true/false"),
         (["-p", "maybe"], "true/false"),
+        (["--gate", "test.accuracy.ci95_low > 0.5"], "is not a metric"),
+        (["--operating-point", "0.9"], "invalid choice"),
         (["--distillation", "2"], "true/false"),
         (["--bogus"], "unrecognized"),
         (["-e", "0"], "epochs"),
@@ -306,8 +308,8 @@ def _sample(f, declared):
     options = declared.options
     if options.get("action") is not None and options.get("action") != "append":
         return []
-    if "choices" in options:
-        return [options["choices"][-1]]
+    if "choices" in options:  # one that is not the default, as typed on a command line
+        return [str(next(c for c in reversed(options["choices"]) if c != f.default))]
     if options.get("nargs") == "?":
         return ["yes" if f.default is False else "no"]
     if f.type in ("int", "float"):

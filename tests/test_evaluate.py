@@ -107,11 +107,13 @@ def test_tools_evaluate_scores_a_run_on_another_dataset_version(run, demo_dir, t
     _, run_dir = run
     other = prepare(demo_dir, tmp_path / "v2", image_size=32, shard_size=40, seed=7)  # another split of the images
     out = tmp_path / "eval"
+    gate = ["--gate", "test.balanced_accuracy >= 0 and dynamic.agreement >= 0.5"]  # no such variant here
     code = evaluate.main(
-        ["--model", str(run_dir), "--manifest", str(tmp_path / "v2" / MANIFEST_NAME), "--output", str(out)]
+        ["--model", str(run_dir), "--manifest", str(tmp_path / "v2" / MANIFEST_NAME), "--output", str(out), *gate]
     )
-    assert code == 0
+    assert code == 3  # scored and written, but the gate failed
     lineage = json.loads((out / "evaluation.json").read_text())
+    assert lineage["gate"]["reasons"][1] == "dynamic.agreement: the run has no variant dynamic"
     assert lineage["model_run"]["run_id"] == "r1"
     assert lineage["data"]["manifest_sha256"] != lineage["model_run"]["manifest_sha256"]
     metrics = json.loads((out / "metrics.json").read_text())["variants"]["model"]
@@ -129,9 +131,12 @@ def test_tools_evaluate_scores_a_run_on_another_dataset_version(run, demo_dir, t
             str(tmp_path / "v2" / MANIFEST_NAME),
             "--output",
             str(tflite_out),
+            "--gate",
+            "test.balanced_accuracy >= 0",
         ]
     )
     assert code == 0
+    assert json.loads((tflite_out / "evaluation.json").read_text())["gate"]["passed"]
     assert json.loads((tflite_out / "evaluation.json").read_text())["model_run"]["run_id"] == "r1"
 
 

@@ -13,6 +13,7 @@ import tf_keras
 from tests.test_compression import SIZE, toy_datasets
 from utilities.compression import distillation
 from utilities.compression import quantization as mq
+from utilities.data.schema import CLASS_NAMES
 from utilities.evaluation import variants as variant_eval
 from utilities.model import compile_model
 
@@ -64,10 +65,10 @@ def test_int8_is_much_smaller_and_agrees_with_the_float_model(trained, tmp_path)
         mq.tflite_predict_fn(int8_path), datasets, int8_path, None, reference
     ).metrics
     print(
-        f"\nint8: {ratio:.2f}x smaller, agreement {result['agreement']:.3f}, val bal acc {result['val']['balanced_accuracy']:.3f}"
+        f"\nint8: {ratio:.2f}x smaller, agreement {result.agreement:.3f}, val bal acc {result.val.balanced_accuracy:.3f}"
     )
-    assert result["agreement"] >= 0.95
-    assert result["latency_ms"]["median"] > 0
+    assert result.agreement >= 0.95
+    assert result.latency_ms.median > 0
 
 
 @pytest.mark.slow
@@ -88,6 +89,7 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
     assert sizes["float16"] < 0.6 * sizes["float32"]
     assert sizes["dynamic"] < 0.4 * sizes["float32"]
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    assert (tmp_path / mq.LABELS_TXT).read_text().split() == list(CLASS_NAMES)  # the output columns, beside it
 
 
 def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precision, tmp_path):

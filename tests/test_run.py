@@ -41,3 +41,35 @@ def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, scored_ru
     assert json.loads((run_dir / "run.json").read_text()) == json.loads(json.dumps(record.to_json(), default=str))
     assert json.loads((run_dir / "metrics.json").read_text()) == result.metrics.to_json()
     assert (run_dir / "model" / "model.keras").is_file() and (run_dir / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("scored_run")
+def test_the_model_card_is_written_from_the_records(prepared, scored_run):
+    from utilities.evaluation.model_card import MODEL_CARD_JSON, MODEL_CARD_MD
+
+    result, run_dir = scored_run.result, scored_run.run_dir
+    card = json.loads((run_dir / MODEL_CARD_JSON).read_text())
+    model = result.metrics.variants["model"]
+    assert card["data"]["manifest_sha256"] == result.record.data.manifest_sha256
+    assert card["data"]["images_per_class"]["test"] == prepared.manifest["counts"]["test"]
+    assert card["metrics"]["test"]["balanced_accuracy"] == model.test.balanced_accuracy
+    assert card["metrics"]["test"]["balanced_accuracy_ci95"] == list(model.test.interval("balanced_accuracy"))
+    assert card["calibration"]["temperature"] == model.calibration.temperature  # the fixture runs --calibrate
+    dynamic = result.metrics.variants["model_dynamic"]
+    assert card["variants"]["model_dynamic"]["agreement_with_model"] == dynamic.agreement
+    assert card["gate"] is None and card["signatures"] is None  # no latest run to compare with; --no-saved-model
+    text = (run_dir / MODEL_CARD_MD).read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Model",
+        "## Data",
+        "## Training",
+        "## Metrics",
+        "## Triage operating points",
+        "## Compressed variants",
+        "## Release gate",
+        "## How to call it",
+        "## Intended use and limits",
+    ]
+    assert "Not a diagnostic device" in text and f"{model.test.balanced_accuracy:.3f} [" in text

@@ -95,7 +95,7 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     shutil.copytree(full_run.out, out)
     args = [*full_run.args, "--output", str(out), "--freeze-backbone"]  # the last --output wins
     second, second_log = start_cli(
-        [*args, "-e", "1", "--no-augment", "--no-saved-model", "--keep-checkpoints"],
+        [*args, "-e", "1", "--no-augment", "--no-saved-model", "--keep-checkpoints", "--gate", "test.accuracy >= 0"],
         tmp_path,
         "second.log",
         request,
@@ -152,6 +152,8 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     runs = sorted(p.name for p in (out / FULL).iterdir() if p.is_dir())
     assert len(runs) == 2 and not (out / FULL / runs[-1] / "model" / "saved_model.pb").exists()
     assert json.loads((out / FULL / "latest.json").read_text())["run_id"] == runs[-1]  # run ids sort by time
+    verdict = json.loads((out / FULL / runs[-1] / "run.json").read_text())["gate"]  # a gate it passed moved latest
+    assert verdict["passed"] and verdict["reasons"][0].startswith("test.accuracy = "), verdict
     second_dir = out / FULL / runs[-1]
     assert (second_dir / "checkpoints" / "backup").is_dir()  # --keep-checkpoints
     in_run = [p.name for p in second_dir.glob("wandb/offline-run-*")]
@@ -195,7 +197,11 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     common += ["--dropout", "0", "--checkpoint-every", "3", "--progress-every", "0", "--no-tracking"]
     # The uninterrupted reference trains beside the interrupted runs (its own folder; the two processes share
     # the 2 cores, each importing, building or training in its own phase); compared once both are done.
-    reference, reference_log = start_cli([*common, "-n", "ref", "--run-id", "r"], tmp_path, "ref.log", request)
+    # It also fails its release gate: complete and kept, exit 3, no latest.json.
+    failing = ["--gate", "test.balanced_accuracy > 1 or test.balanced_accuracy.ci95_low > 1"]
+    reference, reference_log = start_cli(
+        [*common, "-n", "ref", "--run-id", "r", *failing], tmp_path, "ref.log", request
+    )
     args = [*common, "-q", "dynamic", "-n", "pre", "--run-id", "r"]
 
     # SIGTERM mid-epoch (what Vertex AI and spot VMs send): the step finishes, is saved, exit 75.
@@ -219,7 +225,10 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     # A complete run is never touched again: that rerun goes on beside the checks below.
     again, again_log = start_cli(args, tmp_path, "again.log", request)
 
-    assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
+    assert reference.wait(timeout=600) == 3, reference_log.read_text()[-3000:]
+    assert "error: release gate failed: test.balanced_accuracy = " in reference_log.read_text()
+    verdict = json.loads((out / "ref/r/run.json").read_text())["gate"]
+    assert not verdict["passed"] and len(verdict["reasons"]) == 2 and not (out / "ref" / "latest.json").exists()
     redone_after_term, redone_after_kill = stopped + 1 - resumed, killed + 1 - resumed_after_kill
     print(f"steps redone: after SIGTERM {redone_after_term}, after SIGKILL {redone_after_kill}")
     assert redone_after_term == 0 and 0 <= redone_after_kill <= 3
@@ -295,6 +304,70 @@ def test_cluster_roles():
     assert not parse_cluster(json.dumps(two)).is_chief
     two["task"]["index"] = 0
     assert parse_cluster(json.dumps(two)).is_chief and parse_cluster(json.dumps(two)).num_workers == 2
+
+
+# Where only TensorFlow is installed: the test split's original JPEGs and metadata rows, as a client has
+# them, through serving_raw, against the run's own predictions (tools.prepare's decode and resize).
+SERVE_RAW = """
+import csv, json, math, sys
+import numpy as np, tensorflow as tf
+model, isic, predictions = sys.argv[1:4]
+with open(predictions, newline="") as f:
+    rows = list(csv.DictReader(f))
+with open(isic + "/ISIC_2019_Training_Metadata.csv", newline="") as f:
+    meta = {r["image"]: r for r in csv.DictReader(f)}
+classes = [c for c in rows[0] if c != "image"]
+names = [r["image"] for r in rows]
+expected = np.array([[float(r[c]) for c in classes] for r in rows])
+signature = tf.saved_model.load(model).signatures["serving_raw"]
+out = signature(
+    image_bytes=tf.constant([open(f"{isic}/ISIC_2019_Training_Input/{n}.jpg", "rb").read() for n in names]),
+    age_approx=tf.constant([float(meta[n]["age_approx"] or "nan") for n in names], tf.float32),
+    sex=tf.constant([meta[n]["sex"] for n in names]),
+    anatom_site_general=tf.constant([meta[n]["anatom_site_general"] for n in names]),
+)
+p = out["probabilities"].numpy()
+print(json.dumps({
+    "n": len(names),
+    "agreement": float(np.mean(p.argmax(1) == expected.argmax(1))),
+    "max_dp": float(np.abs(p - expected).max()),
+    "predicted_classes": len(set(expected.argmax(1).tolist())),
+    "class_names": [c.decode() for c in out["class_names"].numpy()[0]],
+    "top_class_is_argmax": bool(all(t.decode() == classes[i] for t, i in zip(out["top_class"].numpy(), p.argmax(1)))),
+    "flag_is_threshold": bool(np.array_equal(out["malignant_flag"].numpy(),
+                                             out["malignant_score"].numpy() >= out["malignant_threshold"].numpy())),
+    "malignant_is_sum": bool(np.allclose(out["malignant_score"].numpy(), p[:, [0, 2, 7, 3]].sum(1), atol=1e-6)),
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("full_run")
+def test_serving_raw_answers_like_the_run(full_run, demo_dir, tmp_path):
+    """The exported model's raw-input signature, in a process that cannot import this project."""
+    from utilities import serving
+
+    assert full_run.result.returncode == 0, full_run.result.stderr[-3000:]
+    run_dir = only_run(full_run.out, FULL)
+    record = json.loads((run_dir / "model" / serving.SERVING_JSON).read_text())
+    assert record["operating_point"]["specificity_on_val"] == 0.95 and record["image_size"] == 32
+    clean_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TF_USE_LEGACY_KERAS": "1"}
+    args = [str(run_dir / "model"), str(demo_dir), str(run_dir / "predictions" / "model_test.csv")]
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", SERVE_RAW, *args],
+        cwd=tmp_path,
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nserving_raw vs predictions/model_test.csv: {got}")
+    assert got["n"] >= 20 and got["predicted_classes"] >= 2, got  # not a constant model: agreement means something
+    assert got["agreement"] >= 0.99 and got["max_dp"] < 0.02, got
+    assert got["class_names"] == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    assert got["top_class_is_argmax"] and got["flag_is_threshold"] and got["malignant_is_sum"], got
 
 
 @pytest.mark.slow

@@ -77,9 +77,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "this job), which then runs: only for a model you wrote",
     )
     parser.add_argument(
+        "--gate",
+        metavar="EXPR",
+        help="release gate over the evaluation's metrics, as cli.py --gate (e.g. 'test.balanced_accuracy >= 0.7'); "
+        "written to evaluation.json; failing it exits 3",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="keep TensorFlow's C++ start-up lines (dropped otherwise)"
     )
     args = parser.parse_args(argv)
+    if args.gate:
+        from utilities.evaluation.gate import GateError, parse
+
+        try:
+            args.gate = parse(args.gate)
+        except GateError as exc:
+            parser.error(str(exc))
     if args.batch_size < 1 or args.gallery < 0 or not (args.bootstrap == 0 or args.bootstrap >= 100):
         parser.error("--batch-size must be >= 1, --gallery >= 0, --bootstrap 0 or >= 100")
     if args.tag and not args.registry:
@@ -187,8 +200,9 @@ def fetch_tag(tag: str, registry: str, scratch: Path) -> Path:
 # ---------------------------------------------------------------- the evaluation
 
 
-def evaluate(args: argparse.Namespace) -> Path:
-    """Score the model on the data's val and test splits; write the evaluation folder; return where."""
+def evaluate(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
+    """Score the model on the data's val and test splits; write the evaluation folder; return where, and
+    the --gate verdict (None without one)."""
     from utilities.run.folder import git_commit, now, write_json
 
     started = now()
@@ -236,13 +250,14 @@ def evaluate(args: argparse.Namespace) -> Path:
             "code": {"git_commit": git_commit()},
             "started": started,
             "finished": now(),
+            "gate": args.gate.judge(metrics).to_json() if args.gate else None,
         }
         write_json(local / EVALUATION_JSON, lineage)
         report.write_report(local, metrics, None, {}, gallery=gallery)
         _add_lineage(local / report.REPORT_MD, lineage)
         if storage.is_gcs(out_uri):
             storage.upload_tree(local, out_uri)
-    return Path(out_uri)
+    return Path(out_uri), lineage["gate"]
 
 
 def _refuse_existing(out_uri: str | None) -> None:
@@ -310,11 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        out = evaluate(args)
+        out, verdict = evaluate(args)
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(f"evaluation written to {out}")
+    if verdict is not None:
+        print(f"gate {'passed' if verdict['passed'] else 'failed'}: {'; '.join(verdict['reasons'])}")
+        if not verdict["passed"]:
+            from utilities.evaluation.gate import GATE_FAILED
+
+            return GATE_FAILED
     return 0
 
 

@@ -32,6 +32,7 @@ import tensorflow as tf  # utilities/__init__.py (run first, as our package) sel
 import tf_keras
 
 from utilities import storage
+from utilities.data.schema import CLASS_NAMES
 from utilities.errors import CompressionError, one_line
 from utilities.model import float32_copy
 from utilities.run.config import QUANTIZE_MODES
@@ -105,10 +106,15 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
     return flatbuffer
 
 
+LABELS_TXT = "labels.txt"  # beside every .tflite: its output columns' class names, one per line
+
+
 def write_tflite(path: Path, flatbuffer: bytes) -> Path:
-    """Write atomically (a half-written .tflite never appears under its final name)."""
+    """Write atomically (a half-written .tflite never appears under its final name), and `labels.txt` beside it."""
     path = Path(path)
     storage.atomic_write(path, lambda fh: fh.write(flatbuffer))
+    labels = "".join(f"{name}\n" for name in CLASS_NAMES).encode()
+    storage.atomic_write(path.parent / LABELS_TXT, lambda fh: fh.write(labels))
     log.info("wrote %s (%s bytes)", path.name, f"{len(flatbuffer):,}")
     return path
 

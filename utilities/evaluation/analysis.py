@@ -21,15 +21,21 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from utilities.data.schema import AGE_BINS, CLASS_NAMES, METADATA_SIZE, PROBABILITY_FLOOR, SEXES, SITES
+from utilities.data.schema import (
+    AGE_BINS,
+    CLASS_NAMES,
+    MALIGNANT_CLASSES,
+    MELANOMA_CLASSES,
+    METADATA_SIZE,
+    PROBABILITY_FLOOR,
+    SEXES,
+    SITES,
+)
 from utilities.evaluation.metrics import _check_inputs
 from utilities.evaluation.results import GroupMetrics
 
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 _SPECIFICITIES = (0.80, 0.95)  # triage operating points
-# Triage groups: the malignant lesions (AK counts as pre-malignant but needs treatment too).
-_MELANOMA = ("MEL",)
-_MALIGNANT = ("MEL", "BCC", "SCC", "AK")
 # Subgroup labels in report order; "unknown" (missing or undecodable metadata) always last.
 UNKNOWN = "unknown"
 SEX_GROUPS: tuple[str, ...] = (*SEXES, UNKNOWN)
@@ -250,7 +256,7 @@ def triage(y_true, probs, class_names: Sequence[str] = CLASS_NAMES) -> dict:
     specificity 0.80 and 0.95, keyed "0.80" and "0.95"; None where positives or negatives are missing.
     """
     y_true, probs = _inputs(y_true, probs, len(class_names))
-    tasks = {"melanoma": _MELANOMA, "malignant": _MALIGNANT}
+    tasks = {"melanoma": MELANOMA_CLASSES, "malignant": MALIGNANT_CLASSES}
     out = {}
     for task, names in tasks.items():
         ids = _class_ids(names, class_names)

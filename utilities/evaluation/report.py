@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from utilities.data.schema import CLASS_NAMES
+from utilities.data.schema import CLASS_NAMES, MALIGNANT_CLASSES
 from utilities.evaluation.analysis import largest_gap
 from utilities.evaluation.comparison import collapse_warnings, comparison_rows
 from utilities.evaluation.figures import (
@@ -212,7 +212,7 @@ def _reliability_panels(metrics: RunMetrics, split: str = "test") -> dict[str, R
     return {name: r for name, r in panels.items() if any(c is not None for c in r.confidence)}
 
 
-_MALIGNANT = "MEL, BCC, SCC, AK"
+_MALIGNANT = ", ".join(MALIGNANT_CLASSES)
 _TRIAGE_TASKS = {"melanoma": "melanoma vs rest", "malignant": f"malignant ({_MALIGNANT}) vs benign"}
 
 

@@ -229,6 +229,22 @@ class EvaluationConfig:
         1000, "--bootstrap", help="resamples of the stratified bootstrap behind every 95%% interval (0: no intervals)"
     )
     gallery: int = opt(18, "--gallery", help="most confident test mistakes shown in the report's error gallery")
+    gate: str | None = opt(
+        None,
+        "--gate",
+        metavar="EXPR",
+        help="release gate over the metrics, e.g. 'test.balanced_accuracy.ci95_low >= 0.70 and int8.agreement >= "
+        "0.98' (default: not worse than the latest.json run on the same test data beyond its 95%% interval; off: "
+        "none); a run that fails it is kept but does not move latest.json, and exits 3",
+    )
+    operating_point: float = opt(
+        0.95,
+        "--operating-point",
+        choices=(0.80, 0.95),
+        metavar="SPECIFICITY",
+        help="validation specificity (0.8 or 0.95) whose malignant threshold the SavedModel's serving_raw "
+        "signature flags at (malignant_flag)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.bootstrap == 0 or self.bootstrap >= 100, "--bootstrap must be 0 (off) or at least 100 resamples")

@@ -232,6 +232,7 @@ class RunRecord:
     training: TrainingRecord | None = None
     fusion_weights: dict[str, float] | None = None
     finished: str | None = None
+    gate: dict[str, Any] | None = None  # the release gate's verdict (utilities.evaluation.gate), None: no gate
 
     @classmethod
     def start(cls, config: Config, manifest, devices: Any, started: str) -> RunRecord:
