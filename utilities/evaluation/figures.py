@@ -157,7 +157,7 @@ def plot_reliability(
         ece = reliability.ece
         was = f"{before[name].ece:.3f} → " if name in before else ""
         val_ece = val[name].ece if name in val else None
-        title = f"{name}  test ECE {was}{ece:.3f}"
+        title = f"{name}\ntest ECE {was}{ece:.3f}"  # two lines: a long variant name never runs into the next panel
         ax.set_title(title if val_ece is None else f"{title}, val {val_ece:.3f}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
