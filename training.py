@@ -342,14 +342,14 @@ def publish(ctx: RunContext, result: RunResult) -> None:
     tracker.log_model(folder.path("model"), record.model_name, record.data.tag, record.data.manifest_sha256)
     report_hypertune(config, model.val.headline())
     # After evaluation, so that the model's measured size is the .keras file alone.
+    exported = None  # serving.json's content, when a SavedModel is exported
     if config.output.saved_model or config.output.model_dir:
-        export_saved_model(folder.path("model"), model, config)
+        exported = export_saved_model(folder.path("model"), model, config)
     if config.output.model_dir:  # Vertex AI's model registry serves SavedModels
         storage.upload_tree(folder.path("model"), config.output.model_dir)
     verdict = release_verdict(config, record, metrics)
     record.gate = verdict.to_json() if verdict else None
-    exported = folder.path("model") / serving.SERVING_JSON
-    card = model_card.model_card(record, metrics, json.loads(exported.read_text()) if exported.exists() else None)
+    card = model_card.model_card(record, metrics, exported)
     model_card.write_model_card(folder.local, card)
     tracker.log_summary({"model_card": card})
     # run.json is the completion marker: written (and uploaded) after everything else.
@@ -405,7 +405,7 @@ def summary_values(model: VariantMetrics) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def export_saved_model(model_folder: Path, metrics: VariantMetrics, config: Config) -> None:
+def export_saved_model(model_folder: Path, metrics: VariantMetrics, config: Config) -> dict[str, Any]:
     """A TF SavedModel in `model_folder`, beside model.keras, as the original exported its model, plus
     `serving.json` (utilities.serving).
 
@@ -415,7 +415,7 @@ def export_saved_model(model_folder: Path, metrics: VariantMetrics, config: Conf
     validation's --operating-point specificity), and `tf_keras.models.load_model(path)` revives it as a
     Keras model (the fusion layer comes back as a revived layer, as in the original). ~1 min for
     DenseNet121 on a CPU: Keras traces every layer; `--no-saved-model` skips it where only the .keras
-    file is needed.
+    file is needed. Returns serving.json's content.
     """
     from tf_keras.src.saving.legacy import saving_utils  # Keras' own serving_default, as save() traces it
 
@@ -435,6 +435,7 @@ def export_saved_model(model_folder: Path, metrics: VariantMetrics, config: Conf
         "never" if threshold is None else f"{threshold:.4f}",
         specificity,
     )
+    return record
 
 
 def report_hypertune(config: Config, value: float) -> None:

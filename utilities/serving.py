@@ -37,7 +37,6 @@ from utilities.errors import JobError
 RAW_SIGNATURE = "serving_raw"
 SERVING_JSON = "serving.json"  # beside the SavedModel: the signatures, the operating point, the classes
 RAW_INPUTS = ("image_bytes", "age_approx", "sex", "anatom_site_general")
-OPERATING_POINTS = (0.80, 0.95)  # the specificities the triage analysis reports thresholds at
 _AGE_STEP = sorted(AGE_BINS)[1] - sorted(AGE_BINS)[0]  # 5 years
 
 

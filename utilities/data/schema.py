@@ -40,6 +40,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 # Triage: melanoma, and the malignant lesions (AK counts as pre-malignant but needs treatment too), vs the rest.
 MELANOMA_CLASSES: tuple[str, ...] = ("MEL",)
 MALIGNANT_CLASSES: tuple[str, ...] = ("MEL", "BCC", "SCC", "AK")
+SPECIFICITIES: tuple[float, ...] = (0.80, 0.95)  # triage operating points: thresholds reported, --operating-point
 # The ISIC challenge's metric (mean recall over the classes present): what a run is judged by — the Keras
 # metric's name (early stopping on "val_" + it), metrics.json's "headline", the hyperparameter-tuning tag.
 HEADLINE = "balanced_accuracy"

@@ -30,12 +30,12 @@ from utilities.data.schema import (
     PROBABILITY_FLOOR,
     SEXES,
     SITES,
+    SPECIFICITIES,
 )
 from utilities.evaluation.metrics import _check_inputs
 from utilities.evaluation.results import GroupMetrics
 
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
-_SPECIFICITIES = (0.80, 0.95)  # triage operating points
 # Subgroup labels in report order; "unknown" (missing or undecodable metadata) always last.
 UNKNOWN = "unknown"
 SEX_GROUPS: tuple[str, ...] = (*SEXES, UNKNOWN)
@@ -220,7 +220,7 @@ def _operating_points(positives: np.ndarray, scores: np.ndarray) -> tuple[dict, 
     """
     fpr, tpr, thresholds = roc_curve(positives, scores, drop_intermediate=False)
     sensitivity, threshold = {}, {}
-    for target in _SPECIFICITIES:
+    for target in SPECIFICITIES:
         key = f"{target:.2f}"
         # 1e-12: a specificity of exactly the target (e.g. 16/20 = 0.80) must not fail on rounding.
         eligible = np.flatnonzero(1.0 - fpr >= target - 1e-12)  # a prefix: fpr grows along the curve
@@ -233,7 +233,7 @@ def _operating_points(positives: np.ndarray, scores: np.ndarray) -> tuple[dict, 
 def _triage_task(positives: np.ndarray, scores: np.ndarray) -> dict:
     n_pos = int(positives.sum())
     n_neg = len(positives) - n_pos
-    none = {f"{t:.2f}": None for t in _SPECIFICITIES}
+    none = {f"{t:.2f}": None for t in SPECIFICITIES}
     result = {"positives": n_pos, "negatives": n_neg, "auc": None}
     if n_pos == 0 or n_neg == 0:
         return {**result, "sensitivity_at_specificity": none, "threshold_at_specificity": dict(none)}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utilities.data.manifest import MANIFEST_PATH
-from utilities.data.schema import DEFAULT_IMAGE_SIZE
+from utilities.data.schema import DEFAULT_IMAGE_SIZE, SPECIFICITIES
 from utilities.run.fields import check as _check
 from utilities.run.fields import flag, flags, from_env, opt, parse_bool, switch
 
@@ -240,7 +240,7 @@ class EvaluationConfig:
     operating_point: float = opt(
         0.95,
         "--operating-point",
-        choices=(0.80, 0.95),
+        choices=SPECIFICITIES,
         metavar="SPECIFICITY",
         help="validation specificity (0.8 or 0.95) whose malignant threshold the SavedModel's serving_raw "
         "signature flags at (malignant_flag)",
