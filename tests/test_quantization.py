@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf  # conftest.py set TF_USE_LEGACY_KERAS=1: tf_keras is Keras 2
 import tf_keras
 
 from tests.test_compression import SIZE, toy_datasets
+from utilities import serving
 from utilities.compression import distillation
 from utilities.compression import quantization as mq
-from utilities.data.schema import CLASS_NAMES
+from utilities.data.schema import CLASS_NAMES, SEXES, SITES, encode_metadata
 from utilities.evaluation import variants as variant_eval
 from utilities.model import compile_model
 
@@ -41,14 +44,23 @@ def test_unknown_mode_and_int8_without_training_examples_fail_in_one_line():
         assert "\n" not in str(info.value)
 
 
-def test_representative_dataset_yields_single_examples_keyed_by_input_name():
+def test_representative_dataset_yields_single_examples_of_the_raw_fields():
     examples = list(mq.representative_dataset(toy_datasets(n_train=40).train, examples=25)())
     assert len(examples) == 25
-    assert {name: value.shape for name, value in examples[0].items()} == {
-        "image": (1, SIZE, SIZE, 3),
-        "metadata": (1, 28),
+    assert {name: (value.shape, value.dtype) for name, value in examples[0].items()} == {
+        "image": ((1, SIZE, SIZE, 3), np.float32),
+        "age_approx": ((1,), np.int32),
+        "sex": ((1,), np.int32),
+        "anatom_site_general": ((1,), np.int32),
     }
-    assert all(value.dtype == np.float32 for value in examples[0].values())
+
+
+def test_lite_fields_read_the_multi_hot_back_into_years_and_indices():
+    rows = [(45, "head/neck", "male"), (None, None, None), (0, "upper extremity", "female"), (85, None, "male")]
+    fields = mq.lite_fields({"image": np.zeros((4, 2, 2, 3)), "metadata": np.array([encode_metadata(*r) for r in rows])})
+    assert fields["age_approx"].tolist() == [45, -1, 0, 85]
+    assert [SITES[i] if i >= 0 else None for i in fields["anatom_site_general"]] == [r[1] for r in rows]
+    assert [SEXES[i] if i >= 0 else None for i in fields["sex"]] == [r[2] for r in rows]
 
 
 @pytest.mark.slow
@@ -90,6 +102,38 @@ def test_float32_float16_and_dynamic_files_run_under_litert(trained, tmp_path):
     assert sizes["dynamic"] < 0.4 * sizes["float32"]
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     assert (tmp_path / mq.LABELS_TXT).read_text().split() == list(CLASS_NAMES)  # the output columns, beside it
+    assert json.loads((tmp_path / serving.LITE_JSON).read_text())["sites"] == list(SITES)  # the inputs, beside it
+
+
+@pytest.mark.slow
+def test_litert_answers_from_raw_fields_as_keras_does_from_the_encoding(trained, tmp_path):
+    """A phone app's call: LiteRT alone, pixels plus age in years and the vocabularies' indices."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, datasets, _ = trained
+    record = serving.lite_record()
+    runner = Interpreter(model_path=str(mq.export(model, "float32", tmp_path / "m.tflite"))).get_signature_runner()
+    assert set(runner.get_input_details()) == set(mq.LITE_INPUTS) == set(record["inputs"])
+    image = next(iter(datasets.val))[0]["image"][:1].numpy()
+    # (years, sex, site) → what tools.prepare would have written for that CSV row; −1 and odd ages included
+    cases = [
+        ((45, "male", "head/neck"), (45, "male", "head/neck")),
+        ((-1, None, None), (None, None, None)),
+        ((12, "female", "palms/soles"), (10, "female", "palms/soles")),
+        ((13, None, "oral/genital"), (15, None, "oral/genital")),
+        ((97, "female", None), (85, "female", None)),
+        ((0, None, "upper extremity"), (0, None, "upper extremity")),
+    ]
+    for (years, sex, site), (age, want_sex, want_site) in cases:
+        got = runner(
+            image=image,
+            age_approx=np.array([years], np.int32),
+            sex=np.array([record["sexes"].index(sex) if sex else -1], np.int32),
+            anatom_site_general=np.array([record["sites"].index(site) if site else -1], np.int32),
+        )["probabilities"]
+        metadata = np.array([encode_metadata(age, want_site, want_sex)], np.float32)
+        want = model({"image": image, "metadata": metadata}, training=False).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str((years, sex, site)))
 
 
 def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precision, tmp_path):
@@ -104,10 +148,12 @@ def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precisi
 
 @pytest.mark.slow
 def test_a_model_with_an_unsupported_op_fails_with_one_line(tmp_path):
-    inputs = tf_keras.Input((4,), name="x")
-    outputs = tf_keras.layers.Lambda(lambda x: tf.strings.as_string(x))(inputs)  # no TFLite kernel for strings
+    inputs = {"image": tf_keras.Input((SIZE, SIZE, 3), name="image"), "metadata": tf_keras.Input((28,), name="metadata")}
+    outputs = tf_keras.layers.Lambda(lambda x: tf.strings.as_string(x))(inputs["metadata"])  # no TFLite string kernel
     model = tf_keras.Model(inputs, outputs)
     with pytest.raises(mq.QuantizationError, match="conversion of") as info:
         mq.export(model, "float32", tmp_path / "bad.tflite")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "bad.tflite").exists()
+    with pytest.raises(mq.QuantizationError, match="has no 'image' input"):
+        mq.convert(tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)]), "float32")

@@ -77,18 +77,41 @@ def decode_image(data, size: int):
     return tf.ensure_shape(tf.cond(same, lambda: pixels, resized), [size, size, 3])
 
 
-def encode_metadata(age_approx, sex, anatom_site_general):
-    """(B,) age (NaN unknown), sex, site → (B, 28) float32 multi-hot in `schema.METADATA_NAMES` order."""
+def metadata_columns(age_bin, site, sex):
+    """(B,) int32 indices, −1 unknown — age bin in 0, 5, …, 85 order, `schema.SITES`, `schema.SEXES` —
+    → (B, 28) float32 multi-hot in `schema.METADATA_NAMES` order (an unknown field: all zeros in its group)."""
     import tensorflow as tf
 
-    bins = tf.constant(AGE_BINS, tf.float32)
-    age = tf.clip_by_value(tf.round(age_approx / _AGE_STEP) * _AGE_STEP, min(AGE_BINS), max(AGE_BINS))
+    ages = tf.constant([sorted(AGE_BINS).index(a) for a in AGE_BINS], tf.int32)  # column → bin, text order
     columns = [
-        tf.equal(age[:, None], bins[None, :]),  # NaN equals nothing: all zeros, as an empty CSV cell
-        tf.equal(anatom_site_general[:, None], tf.constant(SITES)[None, :]),
-        tf.equal(sex[:, None], tf.constant(SEXES)[None, :]),
+        tf.equal(age_bin[:, None], ages[None, :]),
+        tf.equal(site[:, None], tf.range(len(SITES))[None, :]),
+        tf.equal(sex[:, None], tf.range(len(SEXES))[None, :]),
     ]
     return tf.cast(tf.concat(columns, axis=1), tf.float32)
+
+
+def age_bin_of_years(years):
+    """(B,) int32 whole years, negative unknown → bin index (nearest 5 years, 85 and over: 85), −1 unknown."""
+    import tensorflow as tf
+
+    return tf.where(years < 0, -1, tf.minimum((years + _AGE_STEP // 2) // _AGE_STEP, len(AGE_BINS) - 1))
+
+
+def _vocabulary_index(values, vocabulary):
+    import tensorflow as tf
+
+    hits = tf.equal(values[:, None], tf.constant(vocabulary)[None, :])
+    return tf.where(tf.reduce_any(hits, axis=1), tf.argmax(tf.cast(hits, tf.int32), axis=1, output_type=tf.int32), -1)
+
+
+def encode_metadata(age_approx, sex, anatom_site_general):
+    """(B,) age (float years, NaN unknown), sex, site (text, any other value unknown) → (B, 28) float32."""
+    import tensorflow as tf
+
+    bins = tf.clip_by_value(tf.round(age_approx / _AGE_STEP), 0, len(AGE_BINS) - 1)
+    age_bin = tf.where(tf.math.is_nan(age_approx), -1, tf.cast(tf.where(tf.math.is_nan(bins), 0.0, bins), tf.int32))
+    return metadata_columns(age_bin, _vocabulary_index(anatom_site_general, SITES), _vocabulary_index(sex, SEXES))
 
 
 def raw_signature(model, image_size: int, threshold: float | None):
@@ -177,6 +200,26 @@ def serving_record(image_size: int, threshold: float | None, specificity: float,
         },
         "sexes": list(SEXES),
         "sites": list(SITES),
+    }
+
+
+LITE_JSON = "tflite.json"  # beside every .tflite (utilities.compression.quantization): how to call it
+
+
+def lite_record() -> dict[str, Any]:
+    """tflite.json: every `.tflite`'s one signature — raw fields in, the encoding inside the graph."""
+    return {
+        "signature": "serving_default",
+        "inputs": {
+            "image": "float32 (1, S, S, 3), raw 0..255 RGB pixels resized to S (the model's size)",
+            "age_approx": "int32 (1,), whole years (nearest 5-year bin, 85 and over: 85); -1 unknown",
+            "sex": "int32 (1,), index into sexes; -1 unknown",
+            "anatom_site_general": "int32 (1,), index into sites; -1 unknown",
+        },
+        "outputs": {"probabilities": "float32 (1, 8) in labels.txt order"},
+        "sexes": list(SEXES),
+        "sites": list(SITES),
+        "labels": list(CLASS_NAMES),
     }
 
 

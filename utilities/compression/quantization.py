@@ -13,12 +13,18 @@ Modes:
 - `int8`: full-integer weights and activations, calibrated on ~100 training examples; the model
   keeps float inputs and outputs (quantize/dequantize ops at the edges), so callers feed raw pixels;
 - `float32`: no optimisation — the baseline the others are compared with (tests, reports).
-Every `.tflite` takes the same inputs as the Keras model (`image` (1,S,S,3) float 0..255,
-`metadata` (1,28)) through its `serving_default` signature and returns probabilities (1, 8).
+Every `.tflite` has one `serving_default` signature that takes raw fields, with the 28-column metadata
+encoding inside the graph (`utilities.serving.metadata_columns`, as the SavedModel's `serving_raw`):
+`image` float32 (1,S,S,3) 0..255 pixels, `age_approx` int32 (1,) whole years, `sex` int32 (1,) index
+into `schema.SEXES`, `anatom_site_general` int32 (1,) index into `schema.SITES` — each −1 when unknown —,
+and returns `probabilities` (1, 8) in `labels.txt` order. `tflite.json` beside the files (`serving.lite_record`) says so, with the
+two vocabularies (TFLite has no string kernels under int8, and a phone app has indices at hand).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
 import warnings
@@ -31,8 +37,8 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
-from utilities import storage
-from utilities.data.schema import CLASS_NAMES
+from utilities import serving, storage
+from utilities.data.schema import AGE_BINS, CLASS_NAMES, SEXES, SITES
 from utilities.errors import CompressionError, one_line
 from utilities.model import float32_copy
 from utilities.run.config import QUANTIZE_MODES
@@ -47,18 +53,60 @@ class QuantizationError(CompressionError):
     """A model that cannot be converted or run as TFLite; the message is one line."""
 
 
+LITE_INPUTS = ("image", "age_approx", "sex", "anatom_site_general")
+
+
+def lite_fields(features: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A features batch (`image`, 28-column `metadata`) → the `.tflite` inputs: the multi-hot read back
+    into age in years and sex/site indices, −1 where a group is all zeros (unknown)."""
+    hot = np.asarray(features["metadata"]) > 0.5
+    ages, sites, sexes = np.split(hot, [len(AGE_BINS), len(AGE_BINS) + len(SITES)], axis=1)
+
+    def index(group: np.ndarray, values) -> np.ndarray:
+        return np.where(group.any(axis=1), np.asarray(values)[group.argmax(axis=1)], -1).astype(np.int32)
+
+    return {
+        "image": np.asarray(features["image"], dtype=np.float32),
+        "age_approx": index(ages, AGE_BINS),
+        "sex": index(sexes, range(len(SEXES))),
+        "anatom_site_general": index(sites, range(len(SITES))),
+    }
+
+
+def lite_function(model: tf_keras.Model) -> tf.types.experimental.ConcreteFunction:
+    """The graph every `.tflite` holds: raw fields (module docstring) → the encoding → `model` → probabilities."""
+    try:
+        size = int(model.get_layer("image").output.shape[1])
+    except ValueError:
+        raise QuantizationError(f"{model.name!r} has no 'image' input: not a model of this job") from None
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([1, size, size, 3], tf.float32, "image"),
+            *(tf.TensorSpec([1], tf.int32, name) for name in LITE_INPUTS[1:]),
+        ]
+    )
+    def serve(image, age_approx, sex, anatom_site_general):
+        metadata = serving.metadata_columns(serving.age_bin_of_years(age_approx), anatom_site_general, sex)
+        return {"probabilities": model({"image": image, "metadata": metadata}, training=False)}
+
+    return serve.get_concrete_function()
+
+
 def representative_dataset(dataset: tf.data.Dataset, examples: int = CALIBRATION_EXAMPLES) -> Callable[[], Iterator]:
-    """Generator factory for int8 calibration: dicts {input name: (1, …) float32}, one example each.
+    """Generator factory for int8 calibration: the `.tflite` inputs (`lite_fields`), one example each.
 
     `dataset` yields `(features dict of batches, labels)` — the TRAINING split, so activation ranges
     come from data the model was fitted on, never from val/test.
     """
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
-        for features, *_ in dataset.unbatch().take(examples):
-            yield {name: np.asarray(value, dtype=np.float32)[None] for name, value in features.items()}
+        for features, *_ in dataset.take(examples):  # batches of several; yielded one example at a time
+            fields = lite_fields(features)
+            for i in range(len(fields["image"])):
+                yield {name: value[i : i + 1] for name, value in fields.items()}
 
-    return generate
+    return lambda: itertools.islice(generate(), examples)
 
 
 def has_examples(dataset: tf.data.Dataset) -> bool:
@@ -72,7 +120,8 @@ def converter_for(
     """A configured converter; `calibration` (training batches) is required for int8 only."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {mode!r}; choose from {', '.join(MODES)}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(float32_copy(model))  # no float16 kernels in TFLite
+    twin = float32_copy(model)  # no float16 kernels in TFLite
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([lite_function(twin)], twin)
     if mode == "float32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -110,11 +159,14 @@ LABELS_TXT = "labels.txt"  # beside every .tflite: its output columns' class nam
 
 
 def write_tflite(path: Path, flatbuffer: bytes) -> Path:
-    """Write atomically (a half-written .tflite never appears under its final name), and `labels.txt` beside it."""
+    """Write atomically (a half-written .tflite never appears under its final name), `labels.txt` and
+    `tflite.json` beside it."""
     path = Path(path)
     storage.atomic_write(path, lambda fh: fh.write(flatbuffer))
     labels = "".join(f"{name}\n" for name in CLASS_NAMES).encode()
     storage.atomic_write(path.parent / LABELS_TXT, lambda fh: fh.write(labels))
+    record = (json.dumps(serving.lite_record(), indent=2) + "\n").encode()
+    storage.atomic_write(path.parent / serving.LITE_JSON, lambda fh: fh.write(record))
     log.info("wrote %s (%s bytes)", path.name, f"{len(flatbuffer):,}")
     return path
 
@@ -147,17 +199,21 @@ def signature_runner(path: Path) -> Any:
 def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
     """Batch predictor (features dict (B, …) → probs (B, 8)) running the file example by example.
 
-    The signature has a fixed batch of 1 (as deployed); looping keeps it exactly that graph.
+    The signature has a fixed batch of 1 (as deployed); looping keeps it exactly that graph. A file of
+    this job takes raw fields (`lite_fields` of the batch); one written before it did, `image` and the
+    28-column `metadata` as they are.
     """
     runner = signature_runner(path)
     (output_name,) = runner.get_output_details()  # one output: the fused probabilities
-    input_names = list(runner.get_input_details())
+    dtypes = {name: detail["dtype"] for name, detail in runner.get_input_details().items()}
+    raw = "metadata" not in dtypes
 
     def predict(features: dict[str, Any]) -> np.ndarray:
-        arrays = {name: np.asarray(features[name], dtype=np.float32) for name in input_names}
+        given = lite_fields(features) if raw else features
+        arrays = {name: np.asarray(given[name], dtype=dtype) for name, dtype in dtypes.items()}
         rows = [
             runner(**{name: a[i : i + 1] for name, a in arrays.items()})[output_name]
-            for i in range(len(arrays[input_names[0]]))
+            for i in range(len(arrays["image"]))
         ]
         return np.concatenate(rows, axis=0)  # (B, 8)
 
@@ -166,11 +222,15 @@ def tflite_predict_fn(path: Path) -> Callable[[dict[str, Any]], np.ndarray]:
 
 __all__ = [
     "CALIBRATION_EXAMPLES",
+    "LABELS_TXT",
+    "LITE_INPUTS",
     "MODES",
     "Quantization",
     "QuantizationError",
     "convert",
     "export",
+    "lite_fields",
+    "lite_function",
     "representative_dataset",
     "signature_runner",
     "tflite_predict_fn",

@@ -17,9 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from utilities import serving as serving_spec
 from utilities.data.schema import CLASS_NAMES, HEADLINE, MALIGNANT_CLASSES
 from utilities.evaluation.analysis import MIN_SUPPORT, largest_gap
 from utilities.evaluation.results import RunMetrics, SplitMetrics
+from utilities.run.config import QUANTIZE_MODES
 
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "model_card.md"
@@ -84,6 +86,9 @@ def model_card(record, metrics: RunMetrics, serving: dict[str, Any] | None) -> d
         }
         for split, m in model.splits().items()
     }
+    quantized = tuple(f"_{mode}" for mode in QUANTIZE_MODES)
+    tflite = [f"{name}.tflite" for name, v in variants.items() if name.endswith(quantized) and "error" not in v]
+    lite = serving_spec.lite_record()
     data = record.data
     return {
         "model": {
@@ -123,6 +128,7 @@ def model_card(record, metrics: RunMetrics, serving: dict[str, Any] | None) -> d
         "variants": variants,
         "gate": record.gate,
         "signatures": (serving or {}).get("signatures"),
+        "tflite": {"files": tflite, "inputs": lite["inputs"], "outputs": lite["outputs"]} if tflite else None,
         "intended_use": INTENDED_USE,
         "limits": list(LIMITS),
     }
@@ -226,6 +232,12 @@ def markdown(card: dict[str, Any]) -> str:
     if not card.get("signatures"):
         lines.append(
             "- no SavedModel was exported (--no-saved-model): load `model/model.keras` with utilities.model.load_model"
+        )
+    if card.get("tflite"):
+        lite = card["tflite"]
+        lines.append(
+            f"- TFLite ({', '.join(f'`{f}`' for f in lite['files'])}; `tflite.json` and `labels.txt` beside them): "
+            f"`serving_default` inputs {json.dumps(lite['inputs'])}; outputs {json.dumps(lite['outputs'])}"
         )
     lines += [
         "",
