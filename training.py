@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,16 @@ from utilities.evaluation.calibration import calibrate
 from utilities.evaluation.predictions import write_predictions
 from utilities.evaluation.results import HEADLINE, RunMetrics, VariantMetrics
 from utilities.evaluation.variants import VariantResult, most_confident_mistakes
-from utilities.model import build_model, compile_model, fusion_weights, load_model, save_model, save_recalibrated
-from utilities.run import distribution, tracking
+from utilities.model import (
+    build_model,
+    compile_model,
+    fusion_weights,
+    load_model,
+    save_model,
+    save_recalibrated,
+    tta_model,
+)
+from utilities.run import distribution, recipe, tracking
 from utilities.run.callbacks import (
     BACKUP_SECONDS,
     Backup,
@@ -67,6 +74,7 @@ from utilities.run.folder import (
 )
 
 log = logging.getLogger(__name__)
+TTA_VARIANT = "model_tta"  # --tta: the model averaged over dihedral views
 
 
 @dataclass
@@ -167,6 +175,11 @@ def load_data(config: Config, manifest) -> data.Datasets:
         augment=config.data.augment,
         shuffle_buffer=config.data.shuffle_buffer,
         shuffle_memory_mb=config.data.shuffle_memory,
+        augmentation=data.Augmentation(
+            colour=config.data.colour_jitter,
+            cutout=config.data.cutout,
+            metadata_dropout=config.data.metadata_dropout,
+        ),
     )
     log.info("examples per split %s; class weights %s", datasets.counts, _rounded(datasets.class_weights))
     if config.compression.enabled:  # the teacher was checked before the run folder was opened
@@ -185,12 +198,16 @@ def train(ctx: RunContext) -> tf_keras.Model:
     """Build, fit (resuming from the backup) and save the model into `model/`; fills `record.training`."""
     config, datasets, folder, record = ctx.config, ctx.datasets, ctx.folder, ctx.record
     strategy = ctx.strategy
+    steps = datasets.steps_per_epoch["train"]
+    momentum = recipe.batchnorm_momentum(config.model.bn_momentum, steps)
     with strategy.scope():
-        model = build_model(config.model, config.data.image_size)
-        compile_model(model, config.train.learning_rate, jit=config.train.jit)
+        model = build_model(dataclasses.replace(config.model, bn_momentum=momentum), config.data.image_size)
+        compile_recipe(model, config, steps)
     log.info("model: %s parameters (%s trainable)", f"{model.count_params():,}", f"{_trainable(model):,}")
-    if warning := lagging_batchnorm(config, datasets.steps_per_epoch["train"]):
+    if warning := lagging_batchnorm(config, steps):
         log.warning(warning)
+    elif config.model.fine_tune and not config.model.bn_momentum:
+        log.info("BatchNorm momentum %g (%d steps an epoch renew 3/4 of the statistics)", momentum, steps)
     epoch, step = fit(ctx, model)
     history = read_history(folder.path("history.csv"))
     record.training = TrainingRecord(epoch, step, epochs_run=len(history.get("loss", [])))
@@ -207,26 +224,28 @@ def train(ctx: RunContext) -> tf_keras.Model:
     return model
 
 
-def lagging_batchnorm(config: Config, steps_per_epoch: int) -> str | None:
-    """A warning when a fine-tuned backbone's BatchNorm statistics cannot follow its weights within an epoch.
+def compile_recipe(model: tf_keras.Model, config: Config, steps_per_epoch: int) -> None:
+    """Compile `model` with the run's recipe: its schedule over the run's steps, loss and clipping."""
+    train = config.train
+    rate = recipe.learning_rate(train, steps_per_epoch)
+    compile_model(model, rate, jit=train.jit, loss=recipe.loss(train), clip_norm=train.clip_norm)
 
-    With momentum m, m ** steps of the moving statistics at an epoch's end predate the epoch. Above half,
-    validation during training (the curves, early stopping's choice of epoch) reads lagging statistics; the
-    saved model's are re-estimated either way. Measured on the demo data (441 images, -g 2 -b 32: 14 steps an
-    epoch, 3 epochs): validation during training 0.30 / 0.19 / 0.15 at 0.99 (87 % stale), 0.10 / 0.33 / 0.54
-    at 0.9 (23 %); 0.59 and 0.61 after re-estimation.
-    """
+
+def lagging_batchnorm(config: Config, steps_per_epoch: int) -> str | None:
+    """A warning when a fine-tuned backbone's BatchNorm statistics, at a --bn-momentum given, cannot follow its
+    weights within an epoch: with momentum m, m ** steps of the moving statistics at an epoch's end predate it.
+    Above half, validation during training (the curves, early stopping's choice of epoch) reads lagging
+    statistics; the saved model's are re-estimated either way. 0 (the default) chooses a momentum that fits
+    (`recipe.batchnorm_momentum`)."""
     momentum = config.model.bn_momentum
-    stale = momentum**steps_per_epoch
-    if not config.model.fine_tune or stale <= 0.5:
+    if not config.model.fine_tune or not momentum or momentum**steps_per_epoch <= 0.5:
         return None
-    enough = math.floor(100 * 0.25 ** (1 / steps_per_epoch)) / 100  # an epoch replaces three quarters
     stopping = "early stopping, " if config.train.patience else ""
     return (
-        f"BatchNorm momentum {momentum:g} over {steps_per_epoch} steps an epoch: {stale:.0%} of the moving "
-        f"statistics at an epoch's end predate it, so validation during training ({stopping}the curves) reads "
-        f"lagging statistics; --bn-momentum {enough:g} or lower suits this run (the saved model's statistics "
-        "are re-estimated either way)"
+        f"BatchNorm momentum {momentum:g} over {steps_per_epoch} steps an epoch: {momentum**steps_per_epoch:.0%} of "
+        f"the moving statistics at an epoch's end predate it, so validation during training ({stopping}the curves) "
+        f"reads lagging statistics; --bn-momentum {recipe.batchnorm_momentum(0, steps_per_epoch):g} or lower (or 0, "
+        "chosen from the steps) suits this run (the saved model's statistics are re-estimated either way)"
     )
 
 
@@ -238,17 +257,33 @@ def evaluate_variants(ctx: RunContext, model: tf_keras.Model) -> dict[str, Varia
     evaluated = model if cluster.num_workers == 1 else load_model(folder.path("model"))
     resamples = config.evaluation.bootstrap
     reference = variant_eval.evaluate_keras(evaluated, datasets, folder.path("model"), resamples=resamples)
+    blind = variant_eval.image_only(variant_eval.keras_predict_fn(evaluated), datasets, resamples)
+    reference.metrics = reference.metrics.with_values(image_only=blind)
     log.info("val balanced accuracy %.3f", reference.metrics.val.balanced_accuracy)
     if not config.compression.enabled:
         if config.evaluation.calibrate:
             calibrate(evaluated, reference, folder.path("model"), datasets.identities, resamples)
-        return {"model": reference}
+        return {"model": reference, **tta_variant(ctx, evaluated, reference)}
     compression = compression_module()
     # Several workers: the chief compresses alone, on that reloaded copy under the default
     # strategy (no collective needs a peer), while the others wait at the end barrier.
     compress_strategy = ctx.strategy if cluster.num_workers == 1 else tf.distribute.get_strategy()
     variants = compression.run_variants(config, evaluated, datasets, folder, compress_strategy, ctx.tracker, reference)
-    return {"model": reference, **variants}
+    return {"model": reference, **variants, **tta_variant(ctx, evaluated, reference)}
+
+
+def tta_variant(ctx: RunContext, model: tf_keras.Model, reference: VariantResult) -> dict[str, VariantResult]:
+    """--tta N: `model_tta`, the (calibrated) model averaged over N dihedral views, saved and scored like any
+    variant; {} when off."""
+    views = ctx.config.evaluation.tta
+    if not views:
+        return {}
+    averaged = tta_model(model, views)
+    path = ctx.folder.path(TTA_VARIANT)
+    save_model(averaged, path)
+    result = variant_eval.evaluate_keras(averaged, ctx.datasets, path, reference, ctx.config.evaluation.bootstrap)
+    log.info("%s (%d views): val balanced accuracy %.3f", TTA_VARIANT, views, result.metrics.val.balanced_accuracy)
+    return {TTA_VARIANT: result}
 
 
 # ---------------------------------------------------------------------- training
@@ -286,6 +321,7 @@ def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
     seconds = 0.0 if several_workers or config.train.checkpoint_every else BACKUP_SECONDS
     verbose, callbacks = fit_callbacks(
         progress_seconds=config.train.progress_seconds,
+        hooks=recipe.callbacks(config.train),
         history_csv=folder.path("history.csv"),
         loggers=ctx.tracker.callbacks(),
         patience=config.train.patience,
@@ -296,7 +332,7 @@ def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
     if config.caches_features:
         with strategy.scope():
             trainee = feature_cache.head_model(model)
-            compile_model(trainee, config.train.learning_rate, jit=config.train.jit)
+            compile_recipe(trainee, config, steps)
         cached = feature_cache.cache_datasets(model, datasets, config, epoch, step)
         train_data, val_data = cached.train, cached.val
         log.info("training the head on cached backbone features (%d view(s))", cached.views)
@@ -345,6 +381,8 @@ def publish(ctx: RunContext, result: RunResult) -> None:
     exported = None  # serving.json's content, when a SavedModel is exported
     if config.output.saved_model or config.output.model_dir:
         exported = export_saved_model(folder.path("model"), model, config)
+    if config.evaluation.export_tta and TTA_VARIANT in metrics.variants:
+        export_saved_model(folder.path(TTA_VARIANT), metrics.variants[TTA_VARIANT], config)
     if config.output.model_dir:  # Vertex AI's model registry serves SavedModels
         storage.upload_tree(folder.path("model"), config.output.model_dir)
     verdict = release_verdict(config, record, metrics)

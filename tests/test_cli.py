@@ -313,7 +313,7 @@ def _sample(f, declared):
     if options.get("nargs") == "?":
         return ["yes" if f.default is False else "no"]
     if f.type in ("int", "float"):
-        return [str(f.default + 1 if f.type == "int" else f.default / 2)]
+        return [str(f.default + 1 if f.type == "int" else (f.default / 2 or 0.5))]
     return [(f.default or "") + "x"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -336,11 +337,38 @@ def test_augmentation_is_seeded_geometric_and_keeps_the_range(prepared: Prepared
     other = augment_images(images, tf.constant([3, 5], tf.int64)).numpy()
     assert once.shape == images.shape and not np.allclose(once, other) and not np.allclose(once, images.numpy())
     assert once.min() >= 0 and once.max() <= 255.001
-    flipped = augment_images(images, seed, Augmentation(flip=True, rotation=0, shift=0, zoom=0)).numpy()
-    for original, result in zip(images.numpy(), flipped, strict=True):  # pure flips: the same pixels, moved
-        assert any(
-            np.array_equal(result, f) for f in (original, original[::-1], original[:, ::-1], original[::-1, ::-1])
-        )
+    dihedral = augment_images(images, seed, Augmentation(rotation=0, shift=0, zoom=0)).numpy()
+    seen = set()
+    for original, result in zip(images.numpy(), dihedral, strict=True):  # flips and quarter turns: pixels moved
+        views = [np.rot90(f, k) for f in (original, original[::-1]) for k in range(4)]  # the 8 symmetries
+        matches = [i for i, view in enumerate(views) if np.allclose(result, view, atol=1e-3)]
+        assert matches, "not one of the square's 8 symmetries"
+        seen.add(matches[0])
+    assert len(seen) >= 4  # 16 images: the turns are drawn, not one fixed view
+
+
+def test_colour_cutout_and_metadata_dropout_are_seeded_per_image_and_keep_the_ranges(prepared: Prepared) -> None:
+    from utilities.data.augmentation import drop_metadata
+
+    records = tf.data.TFRecordDataset(prepared.manifest["val"][:1]).map(lambda s: parse_example(s, 32)).batch(16)
+    features, _ = next(iter(records))
+    images, seed = features["image"], tf.constant([7, 1], tf.int64)
+    colour_only = Augmentation(flip=False, quarter_turns=False, rotation=0, shift=0, zoom=0, colour=0.3)
+    once = augment_images(images, seed, colour_only).numpy()
+    np.testing.assert_array_equal(once, augment_images(images, seed, colour_only).numpy())
+    assert once.min() >= 0 and once.max() <= 255
+    # per image: each image's own brightness change, not one for the batch
+    ratios = once.reshape(16, -1).mean(axis=1) / images.numpy().reshape(16, -1).mean(axis=1)
+    assert ratios.std() > 0.02 and np.all(np.abs(ratios - 1) < 0.6)
+    cut = augment_images(images, seed, dataclasses.replace(colour_only, colour=0.0, cutout=0.25)).numpy()
+    changed = np.any(cut != images.numpy(), axis=3).reshape(16, -1).mean(axis=1)
+    assert np.all(changed <= 0.25**2 * 1.3) and changed.mean() > 0.25**2 * 0.3  # one square of ~1/16, clipped at edges
+    metadata = tf.ones([4000, 28])
+    dropped = drop_metadata(metadata, 0.2, tf.constant([1, 2], tf.int64)).numpy()
+    groups = [dropped[:, :18], dropped[:, 18:26], dropped[:, 26:]]
+    for group in groups:  # a group is dropped whole (unknown) or kept whole, 20 % of the time
+        assert set(np.unique(group.sum(axis=1))) <= {0.0, float(group.shape[1])}
+        assert abs((group.sum(axis=1) == 0).mean() - 0.2) < 0.03
 
 
 def test_augmented_training_batches_differ_between_epochs_but_labels_are_untouched(prepared: Prepared) -> None:

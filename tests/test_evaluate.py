@@ -44,7 +44,7 @@ def test_predictions_are_scored_by_the_isic_scorer_as_we_score_them(run, prepare
 
     _, run_dir = run
     metrics = json.loads((run_dir / "metrics.json").read_text())["variants"]
-    assert set(metrics) == {"model", "model_dynamic"}
+    assert set(metrics) == {"model", "model_dynamic", "model_tta"}  # the scorer agrees on the TTA variant too
     for split in ("val", "test"):
         names, _ = _read(run_dir / "predictions" / f"truth_{split}.csv")
         assert names == list(prepared.manifest["images"][split])  # the records' ISIC ids, in record order

@@ -26,7 +26,7 @@ def _help(module: str, *python_flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("module", "shown"),
     [
-        ("cli", "(default: 0.99)"),
+        ("cli", "(default: cosine)"),
         ("tools.evaluate", "(default: 1000)"),
         ("tools.prepare", "(default: 500)"),
         ("tools.registry", None),

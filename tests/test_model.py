@@ -18,6 +18,7 @@ from utilities.model import (
     fusion_weights,
     load_model,
     save_model,
+    tta_model,
 )
 from utilities.run.config import ModelConfig
 
@@ -137,3 +138,25 @@ def test_batchnorm_recalibration_sets_moving_statistics_to_the_mean_of_batch_sta
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(means, axis=0), rtol=1e-3, atol=1e-4)
     frozen = build_model(ModelConfig(weights="none", fcnn_nodes=16, fine_tune=False), image_size=32)
     assert recalibrate_batchnorm(frozen, tf.data.Dataset.from_tensor_slices(batches[0]).batch(8)) == 0
+
+
+def test_tta_averages_the_eight_symmetries_inside_one_model_that_reloads(tmp_path):
+    tf_keras.utils.set_random_seed(0)
+    inputs = {"image": tf_keras.Input((32, 32, 3), name="image"), "metadata": tf_keras.Input((28,), name="metadata")}
+    x = tf_keras.layers.Rescaling(1 / 255)(inputs["image"])
+    x = tf_keras.layers.Conv2D(4, 3, strides=4)(x)  # not symmetric: the views differ
+    x = tf_keras.layers.Flatten()(x)
+    x = tf_keras.layers.Concatenate()([x, inputs["metadata"]])
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(8, activation="softmax")(x))
+    features, _ = _batch(n=3)
+    views = [
+        np.rot90(im, k, axes=(1, 2)) for im in (features["image"], features["image"][:, :, ::-1]) for k in range(4)
+    ]
+    want = np.mean([model({**features, "image": v}, training=False).numpy() for v in views], axis=0)
+    averaged = tta_model(model, 8)
+    np.testing.assert_allclose(averaged(features, training=False).numpy(), want, atol=1e-5)
+    save_model(averaged, tmp_path / "tta")
+    reloaded = load_model(tmp_path / "tta")  # DihedralView is ours: the model-file check lets it through
+    np.testing.assert_allclose(reloaded(features, training=False).numpy(), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"2\.\.8 views"):
+        tta_model(model, 9)

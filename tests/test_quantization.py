@@ -57,7 +57,9 @@ def test_representative_dataset_yields_single_examples_of_the_raw_fields():
 
 def test_lite_fields_read_the_multi_hot_back_into_years_and_indices():
     rows = [(45, "head/neck", "male"), (None, None, None), (0, "upper extremity", "female"), (85, None, "male")]
-    fields = mq.lite_fields({"image": np.zeros((4, 2, 2, 3)), "metadata": np.array([encode_metadata(*r) for r in rows])})
+    fields = mq.lite_fields(
+        {"image": np.zeros((4, 2, 2, 3)), "metadata": np.array([encode_metadata(*r) for r in rows])}
+    )
     assert fields["age_approx"].tolist() == [45, -1, 0, 85]
     assert [SITES[i] if i >= 0 else None for i in fields["anatom_site_general"]] == [r[1] for r in rows]
     assert [SEXES[i] if i >= 0 else None for i in fields["sex"]] == [r[2] for r in rows]
@@ -148,7 +150,10 @@ def test_a_mixed_precision_model_converts_through_its_float32_twin(mixed_precisi
 
 @pytest.mark.slow
 def test_a_model_with_an_unsupported_op_fails_with_one_line(tmp_path):
-    inputs = {"image": tf_keras.Input((SIZE, SIZE, 3), name="image"), "metadata": tf_keras.Input((28,), name="metadata")}
+    inputs = {
+        "image": tf_keras.Input((SIZE, SIZE, 3), name="image"),
+        "metadata": tf_keras.Input((28,), name="metadata"),
+    }
     outputs = tf_keras.layers.Lambda(lambda x: tf.strings.as_string(x))(inputs["metadata"])  # no TFLite string kernel
     model = tf_keras.Model(inputs, outputs)
     with pytest.raises(mq.QuantizationError, match="conversion of") as info:

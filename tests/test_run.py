@@ -34,13 +34,19 @@ def test_one_tiny_epoch_returns_its_record_and_every_variant(prepared, scored_ru
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
         scored = model.metrics.splits()[split]
         assert scored.support and 0.0 <= scored.balanced_accuracy <= 1.0
-    assert set(result.variants) == {"model", "model_dynamic"}  # the float model and the one asked for
+    assert set(result.variants) == {"model", "model_dynamic", "model_tta"}  # the float model and those asked for
+    tta = result.variants["model_tta"].metrics  # two views averaged: scored, sized and compared like any variant
+    assert tta.test.ci95 and tta.agreement is not None and tta.gzip_bytes and tta.latency_ms.median > 0
+    for split, blind in model.metrics.image_only.items():  # the same model, every metadata field unknown
+        low, high = blind.ci95
+        assert low <= blind.balanced_accuracy <= high and split in ("val", "test")
 
     # What the run wrote is what it returned.
     run_dir = out / "scored" / "r1"
     assert json.loads((run_dir / "run.json").read_text()) == json.loads(json.dumps(record.to_json(), default=str))
     assert json.loads((run_dir / "metrics.json").read_text()) == result.metrics.to_json()
     assert (run_dir / "model" / "model.keras").is_file() and (run_dir / "report.md").is_file()
+    assert "## Does metadata help? (model)" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.slow

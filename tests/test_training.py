@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -116,6 +117,9 @@ def test_cli_trains_evaluates_exports_and_tracks(full_run, tmp_path, request):
     assert lineage["training"]["epochs_run"] == 2 and set(lineage["fusion_weights"]) == {"image", "metadata"}
     for name in ("report.md", "confusion_matrix.png", "training_curves.png", "history.csv"):
         assert (run_dir / name).stat().st_size > 0, name
+    with (run_dir / "history.csv").open() as fh:  # the default schedule: warmup over epoch 1, cosine to 0 at the end
+        rates = [float(row["lr"]) for row in csv.DictReader(fh)]
+    assert len(rates) == 2 and rates[0] > 1e-4 > rates[1] >= 0  # -l 1e-3 peak
 
     # The model reloads in a fresh process and predicts probabilities.
     check = (
@@ -283,16 +287,20 @@ def test_jit_with_several_cpu_replicas_is_an_error():
 def test_a_fine_tune_too_short_for_its_batchnorm_momentum_is_warned_about():
     from training import lagging_batchnorm
     from utilities.run.config import Config, ModelConfig, TrainConfig
+    from utilities.run.recipe import batchnorm_momentum
 
-    default = Config()  # the whole backbone fine-tuned at momentum 0.99, early stopping on
-    assert default.model.fine_tune and default.model.bn_momentum == 0.99 and default.train.patience
+    assert Config().model.bn_momentum == 0 and lagging_batchnorm(Config(), 14) is None  # chosen from the steps
+    assert [batchnorm_momentum(0, steps) for steps in (1, 14, 137, 138, 280)] == [0.25, 0.9, 0.98, 0.99, 0.99]
+    assert batchnorm_momentum(0.97, 14) == 0.97
+    default = Config(model=ModelConfig(bn_momentum=0.99))  # the whole backbone fine-tuned, early stopping on
+    assert default.model.fine_tune and default.train.patience
     warning = lagging_batchnorm(default, 14)  # the demo data at -g 2 -b 32
     assert "87% of the moving statistics" in warning and "early stopping" in warning
     assert "--bn-momentum 0.9 or lower" in warning and "\n" not in warning
     assert lagging_batchnorm(default, 280) is None  # ISIC 2019 at -b 64: 0.99 ** 280 = 6 %
     assert lagging_batchnorm(Config(model=ModelConfig(bn_momentum=0.9)), 14) is None  # 23 %
     assert lagging_batchnorm(Config(model=ModelConfig(fine_tune=False)), 14) is None  # frozen: fixed statistics
-    no_stopping = Config(train=TrainConfig(patience=0))
+    no_stopping = Config(model=ModelConfig(bn_momentum=0.99), train=TrainConfig(patience=0))
     assert "(the curves)" in lagging_batchnorm(no_stopping, 14)
 
 

@@ -146,8 +146,8 @@ def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
 
     backbone = build_backbone(config.weights, image_size)
     backbone.trainable = config.fine_tune
-    for layer in backbone.layers:
-        if isinstance(layer, tf_keras.layers.BatchNormalization):
+    for layer in backbone.layers:  # bn_momentum 0 (not resolved from the steps per epoch): the backbone's own
+        if isinstance(layer, tf_keras.layers.BatchNormalization) and config.bn_momentum:
             layer.momentum = config.bn_momentum
     # A frozen backbone runs in inference mode so its BatchNorm statistics stay fixed.
     features = backbone(densenet_preprocessing(image), training=None if config.fine_tune else False)
@@ -162,14 +162,58 @@ def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
     return tf_keras.Model({"image": image, "metadata": metadata}, probs, name="dermaid")
 
 
-def compile_model(model: tf_keras.Model, learning_rate: float, jit: bool = False) -> None:
-    """Adam on categorical cross-entropy over the fused probabilities; inside `strategy.scope()`."""
+def compile_model(
+    model: tf_keras.Model,
+    learning_rate: float | tf_keras.optimizers.schedules.LearningRateSchedule,
+    jit: bool = False,
+    loss: tf_keras.losses.Loss | None = None,
+    clip_norm: float = 0.0,
+) -> None:
+    """Adam (a per-step schedule or a constant rate; `clip_norm` > 0 clips the gradients' global norm) on
+    `loss` (default: categorical cross-entropy) over the fused probabilities; inside `strategy.scope()`.
+    The run's recipe (`utilities.run.recipe`) chooses the schedule and the loss."""
     model.compile(
-        optimizer=tf_keras.optimizers.Adam(learning_rate),
-        loss=tf_keras.losses.CategoricalCrossentropy(),
+        optimizer=tf_keras.optimizers.Adam(learning_rate, global_clipnorm=clip_norm or None),
+        loss=loss or tf_keras.losses.CategoricalCrossentropy(),
         metrics=[tf_keras.metrics.CategoricalAccuracy(name="accuracy"), BalancedAccuracy()],
         jit_compile=jit,
     )
+
+
+DIHEDRAL_VIEWS = 8  # the square's symmetries: 4 quarter turns, each also mirrored
+
+
+@tf_keras.utils.register_keras_serializable(package="dermaid")
+class DihedralView(tf_keras.layers.Layer):
+    """One of the square image's 8 symmetries: view v is mirrored left-right when v >= 4, then turned v % 4
+    quarter turns. View 0 is the image itself. Dermoscopy has no up or left, so each view is as valid."""
+
+    def __init__(self, view: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= view < DIHEDRAL_VIEWS:
+            raise ValueError(f"a dihedral view is 0..{DIHEDRAL_VIEWS - 1}, not {view}")
+        self.view = view
+
+    def call(self, image):
+        if self.view >= 4:
+            image = tf.reverse(image, axis=[2])
+        return tf.image.rot90(image, k=self.view % 4)
+
+    def get_config(self):
+        return {**super().get_config(), "view": self.view}
+
+
+def tta_model(model: tf_keras.Model, views: int) -> tf_keras.Model:
+    """`model` averaged over its first `views` dihedral views of the image (test-time augmentation), as one
+    Keras model with the same inputs and output: exportable, scored and served like any variant."""
+    if not 2 <= views <= DIHEDRAL_VIEWS:
+        raise ValueError(f"test-time augmentation takes 2..{DIHEDRAL_VIEWS} views, not {views}")
+    inputs = {name: tf_keras.Input(model.get_layer(name).output.shape[1:], name=name) for name in ("image", "metadata")}
+    outputs = [
+        model({"image": DihedralView(v, name=f"view_{v}")(inputs["image"]), "metadata": inputs["metadata"]})
+        for v in range(views)
+    ]
+    return tf_keras.Model(inputs, tf_keras.layers.Average(name="tta_mean")(outputs), name=f"{model.name}_tta")
 
 
 def fusion_weights(model: tf_keras.Model) -> dict[str, float] | None:

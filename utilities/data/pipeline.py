@@ -221,7 +221,7 @@ class _TrainSplit:
     image_size: int
     batch: int
     seed: int
-    augment: bool
+    augmentation: Augmentation | None  # None: not augmented
     buffer: int
     steps: int
     raw: bool
@@ -243,11 +243,12 @@ class _TrainSplit:
         # Shuffle serialized records (before decoding: cheaper to hold), then decode in parallel.
         records = records.shuffle(self.buffer, seed=seed, reshuffle_each_iteration=again)
         batches = parse_batches(records.skip(skip * self.batch), self.image_size, self.batch, raw=self.raw)
-        if not self.augment:
+        if self.augmentation is None:
             return batches
         if again:
-            return augment_dataset(batches, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2))
-        return augment_dataset(batches, batch_seeds(seed, skip))
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            return augment_dataset(batches, seeds, self.augmentation)
+        return augment_dataset(batches, batch_seeds(seed, skip), self.augmentation)
 
     def one_epoch(self) -> tf.data.Dataset:
         """One epoch, in a new order on every pass: Keras iterates it once per epoch."""
@@ -309,6 +310,7 @@ def build_datasets(
     augment: bool = True,
     shuffle_buffer: int = 2048,
     shuffle_memory_mb: float | None = None,
+    augmentation: Augmentation | None = None,
 ) -> Datasets:
     """Train/val/test pipelines from local shard paths (see `fetch_shards`), plus counts and class weights.
 
@@ -316,7 +318,8 @@ def build_datasets(
     batch, the first record whose label is not one-hot or whose metadata is not 0/1, naming its shard and
     index (`records.count_labels`, `records.read_identities`); touches nothing else. The train
     shuffle buffer holds `shuffle_buffer` records, or fewer when that many would hold more than
-    `shuffle_memory_mb` of serialized records (None: no memory bound); see `shuffle_records`.
+    `shuffle_memory_mb` of serialized records (None: no memory bound); see `shuffle_records`. The train
+    split is augmented with `augmentation` (None: `Augmentation()`'s defaults) unless `augment` is off.
     """
     _check_build_arguments(shards, image_size, global_batch_size, shuffle_buffer)
     # The label passes check every record of every split (`records.count_labels`); train's first.
@@ -332,14 +335,14 @@ def build_datasets(
         image_size,
         global_batch_size,
         seed,
-        augment,
+        (augmentation or Augmentation()) if augment else None,
         buffer,
         steps["train"],
         shards_are_raw(list(paths), image_size),
     )
     return Datasets(
         train=split.one_epoch(),
-        train_clean=dataclasses.replace(split, augment=False).one_epoch(),
+        train_clean=dataclasses.replace(split, augmentation=None).one_epoch(),
         train_from=split.stream,
         val=evaluated.val,
         test=evaluated.test,

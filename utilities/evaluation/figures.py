@@ -30,7 +30,12 @@ SUBGROUPS_PNG = "subgroups.png"
 ERROR_GALLERY_PNG = "error_gallery.png"
 
 # Panels of the training-curves figure: title → history key (validation key is "val_" + key).
-_CURVE_PANELS = {"loss": "loss", "accuracy": "accuracy", "balanced accuracy": "balanced_accuracy"}
+_CURVE_PANELS = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "balanced accuracy": "balanced_accuracy",
+    "learning rate": "lr",  # at each epoch's end (history.csv's lr)
+}
 _MAX_PANEL_COLUMNS = 4  # reliability panels per row
 
 
@@ -73,7 +78,8 @@ def plot_confusion_matrix(
 def plot_training_curves(
     history: dict[str, list[float]], path: str | os.PathLike, exported_val: float | None = None
 ) -> Path:
-    """PNG with one panel per tracked metric (loss, accuracy, balanced accuracy): train vs val by epoch.
+    """PNG with one panel per tracked metric (loss, accuracy, balanced accuracy; the learning rate): train vs
+    val by epoch.
 
     A dotted line marks the best epoch by val balanced accuracy (the weights early stopping keeps);
     `exported_val`, the exported model's val balanced accuracy (after a fine-tuned backbone's BatchNorm
@@ -89,7 +95,8 @@ def plot_training_curves(
     best = _best_epoch(history.get("val_balanced_accuracy") or [])
     for ax, (title, key) in zip(axes, panels.items(), strict=False):
         ax.set_xlim(0.5, epochs + 0.5)  # whole epochs, also for a one-epoch run
-        for label, name in (("train", key), ("val (during training)", f"val_{key}")):
+        own = "at the epoch's end" if key == "lr" else "train"
+        for label, name in ((own, key), ("val (during training)", f"val_{key}")):
             values = [math.nan if v is None else float(v) for v in history.get(name, [])]
             if values:
                 ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from utilities.data.schema import CLASS_NAMES, MALIGNANT_CLASSES
+from utilities.data.schema import CLASS_NAMES, HEADLINE, MALIGNANT_CLASSES
 from utilities.evaluation.analysis import largest_gap
 from utilities.evaluation.comparison import collapse_warnings, comparison_rows
 from utilities.evaluation.figures import (
@@ -322,6 +322,25 @@ def _fusion_weights(record: RunRecord | None, history: dict) -> dict[str, float]
     return {key.split("/", 1)[1]: values[-1] for key, values in history.items() if key.startswith("fusion/") and values}
 
 
+def _metadata_section(metrics: RunMetrics) -> list[str]:
+    """Does metadata help? The model's balanced accuracy as recorded and with every field unknown, per split."""
+    model = metrics.variants.get("model")
+    if model is None or not model.image_only:
+        return []
+
+    def shown(value: float | None, interval: Any) -> str:
+        return _fmt(value) + ("" if interval is None else f" [{_fmt(interval[0])}, {_fmt(interval[1])}]")
+
+    rows = []
+    for split, blind in model.image_only.items():
+        scored = model.splits().get(split)
+        if scored is not None:
+            with_metadata = shown(scored.balanced_accuracy, scored.interval(HEADLINE))
+            rows.append([split, with_metadata, shown(blind.balanced_accuracy, blind.ci95)])
+    header = ["split", "balanced accuracy, metadata as recorded", "image only (metadata unknown)"]
+    return ["## Does metadata help? (model)", "", *_md_table(header, rows), ""]
+
+
 def _fusion_section(weights: dict[str, float]) -> list[str]:
     if not weights:
         return []
@@ -374,7 +393,7 @@ def write_report(
     lines = [f"# Training report: {title}", "", *_summary_section(record), *_headline_section(metrics)]
     lines += [*_per_class_section(metrics), *_per_class_section(metrics, "per_class_auc", "Per-class AUC")]
     lines += [*_subgroup_section(metrics, run_dir), *_triage_section(metrics), *_calibration_section(metrics, run_dir)]
-    lines += [*_fusion_section(_fusion_weights(record, history)), "## Figures", ""]
+    lines += [*_metadata_section(metrics), *_fusion_section(_fusion_weights(record, history)), "## Figures", ""]
     lines += _gallery_lines(gallery, run_dir)
     confusion = _headline_confusion(metrics)
     if confusion is not None:

@@ -82,6 +82,8 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
         (kind,) = [a for a in args if a is not type(None)]
         return _decode(kind, data, where)
     if isinstance(kind, type) and issubclass(kind, JsonRecord):
+        if isinstance(data, kind):  # already decoded (`with_values` given records)
+            return data
         if not isinstance(data, Mapping):
             raise MetricsError(f"{where} must be an object, not {type(data).__name__}")
         hints = typing.get_type_hints(kind)
@@ -211,6 +213,14 @@ class Calibration(JsonRecord):
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageOnly(JsonRecord):
+    """The model with every metadata field unknown (all zeros, as a missing CSV value): what metadata adds."""
+
+    balanced_accuracy: float
+    ci95: Interval | None  # stratified bootstrap, as SplitMetrics.ci95; None with --bootstrap 0
+
+
+@dataclasses.dataclass(frozen=True)
 class VariantMetrics(JsonRecord):
     """One variant's entry in metrics.json: its metrics, artifact, what its step recorded — or only `error`."""
 
@@ -230,6 +240,7 @@ class VariantMetrics(JsonRecord):
     mode: str | None = optional()
     gzip_ratio_vs_float: float | None = optional()
     calibration: Calibration | None = optional()
+    image_only: Mapping[str, ImageOnly] | None = optional()  # the model: split → scored with metadata unknown
     error: str | None = optional()  # "<Type>: <one line>" of a step that failed; then nothing else
 
     def splits(self) -> dict[str, SplitMetrics]:

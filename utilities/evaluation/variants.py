@@ -23,7 +23,7 @@ from utilities.data.schema import CLASS_NAMES
 from utilities.data.shards import DataError
 from utilities.evaluation import analysis
 from utilities.evaluation import metrics as evaluation
-from utilities.evaluation.results import SplitMetrics, VariantMetrics
+from utilities.evaluation.results import ImageOnly, SplitMetrics, VariantMetrics
 
 RESAMPLES = 1000  # bootstrap resamples behind each 95 % interval (--bootstrap)
 PredictFn = Callable[[dict[str, Any]], np.ndarray]  # features dict (B, …) → probs (B, 8)
@@ -81,6 +81,21 @@ def evaluate_predict_fn(
         agreement = evaluation.agreement(reference.probabilities["val"], result.probabilities["val"])
     result.metrics = VariantMetrics(**scored, agreement=agreement)
     return result
+
+
+def image_only(predict: PredictFn, datasets, resamples: int = RESAMPLES) -> dict[str, ImageOnly]:
+    """Val and test balanced accuracy (with its interval) of `predict` fed every metadata field as unknown."""
+
+    def blind(features: dict[str, Any]) -> np.ndarray:
+        return predict({**features, "metadata": tf.zeros_like(features["metadata"])})
+
+    scored = {}
+    for split in ("val", "test"):
+        y_true, probs = evaluation.predict(blind, getattr(datasets, split))
+        interval = analysis.bootstrap_ci(y_true, probs, resamples)["balanced_accuracy"] if resamples else None
+        balanced = evaluation.compute_metrics(y_true, probs)["balanced_accuracy"]
+        scored[split] = ImageOnly(balanced, None if interval is None else tuple(interval))
+    return scored
 
 
 def evaluate_variant(

@@ -30,6 +30,7 @@ import tf_keras
 from utilities.data.schema import HEADLINE
 from utilities.errors import RunFailure
 from utilities.progress import Progress
+from utilities.run.recipe import current_rate
 
 log = logging.getLogger(__name__)
 BACKUP_SECONDS = 300.0  # default interval between backups on one machine: at most ~5 minutes of work at risk
@@ -41,6 +42,15 @@ class NanLossError(RunFailure, RuntimeError):
 
 class Preempted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
     """SIGTERM arrived (Vertex AI, spot VMs: ~30 s before the kill); what could be saved is saved."""
+
+
+class LearningRateLog(tf_keras.callbacks.Callback):
+    """`lr` in each epoch's logs (history.csv, W&B, the curves): the rate the next step applies."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = getattr(self.model, "optimizer", None)
+        if logs is not None and optimizer is not None:
+            logs["lr"] = current_rate(optimizer)
 
 
 class EpochCSVLogger(tf_keras.callbacks.CSVLogger):
@@ -150,7 +160,7 @@ def fit_callbacks(
 
     a `BackupAndRestore` on `restore_dir` first, so that `hooks` see the restored state at train begin
     (tfmot's `UpdatePruningStep` reads the restored pruning step, a `ResumeProbe` the restored epoch);
-    `NanGuard(what)`; a `CSVLogger` appending to `history_csv`; `loggers` (the tracker's callbacks, an
+    `NanGuard(what)`; `LearningRateLog`; a `CSVLogger` appending to `history_csv`; `loggers` (the tracker's callbacks, an
     `EpochLogger`); `EarlyStopping` on val balanced accuracy when `patience` > 0 (best weights restored at
     the end); `TensorBoard` when a dir is given; the progress display; `backup` last, so that its final
     save comes after EarlyStopping restored the best weights and a NaN step is never saved.
@@ -158,7 +168,7 @@ def fit_callbacks(
     callbacks: list[tf_keras.callbacks.Callback] = []
     if restore_dir is not None:
         callbacks.append(tf_keras.callbacks.BackupAndRestore(str(restore_dir)))  # a rerun resumes
-    callbacks += [*hooks, NanGuard(what)]
+    callbacks += [*hooks, NanGuard(what), LearningRateLog()]
     if history_csv is not None:
         callbacks.append(EpochCSVLogger(str(history_csv), append=True))
     callbacks += loggers

@@ -24,6 +24,8 @@ from utilities.run.fields import check as _check
 from utilities.run.fields import flag, flags, from_env, opt, parse_bool, switch
 
 QUANTIZE_MODES = ("dynamic", "float16", "int8")
+SCHEDULES = ("cosine", "step", "constant", "plateau")  # --lr-schedule: utilities.run.recipe
+LOSSES = ("crossentropy", "focal")  # --loss
 MIN_IMAGE_SIZE = 32  # DenseNet121 without top rejects smaller inputs
 # Where a W&B key can come from: the variable, or the netrc file `wandb login` writes (for this host).
 WANDB_KEY_VARIABLES = ("WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "HOME")
@@ -43,7 +45,23 @@ class DataConfig:
         DEFAULT_IMAGE_SIZE, "--image-size", help=f"square model input side in pixels (>= {MIN_IMAGE_SIZE})"
     )
     augment: bool = opt(
-        True, "--no-augment", action="store_false", help="no flip/rotation/shift/zoom on training batches"
+        True,
+        "--no-augment",
+        action="store_false",
+        help="no augmentation of training batches (flips, quarter turns, rotation, shift, zoom, colour, cutout, "
+        "metadata dropout)",
+    )
+    colour_jitter: float = opt(
+        0.1,
+        "--colour-jitter",
+        metavar="S",
+        help="brightness and contrast x U(1-S, 1+S), saturation x U(1-2S, 1+2S), hue +-S/2 turn; 0: none",
+    )
+    cutout: float = opt(
+        0.0, "--cutout", metavar="F", help="one square of side F x the image's set to its mean colour; 0: none"
+    )
+    metadata_dropout: float = opt(
+        0.1, "--metadata-dropout", metavar="P", help="each of age, site and sex made unknown with probability P"
     )
     shuffle_buffer: int = opt(2048, "--shuffle-buffer", help="most records in the train shuffle buffer")
     shuffle_memory: float = opt(
@@ -66,6 +84,9 @@ class DataConfig:
             f"--image-size {self.image_size} is below DenseNet121's minimum of {MIN_IMAGE_SIZE}",
         )
         _check(self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1")
+        _check(0.0 <= self.colour_jitter <= 0.5, "--colour-jitter must be in [0, 0.5]")
+        _check(0.0 <= self.cutout < 1.0, "--cutout must be in [0, 1)")
+        _check(0.0 <= self.metadata_dropout < 1.0, "--metadata-dropout must be in [0, 1)")
         _check(self.shuffle_memory > 0, "--shuffle-memory must be positive (MB)")
         _check(self.cache_features in ("auto", "on", "off"), "--cache-features must be auto, on or off")
 
@@ -93,15 +114,18 @@ class ModelConfig:
     )
     fcnn_nodes: int = opt(1024, "-f", "--fcnn-nodes", "--fcnn_nodes", help="width of the metadata dense layer")
     dropout: float = opt(0.3, "--dropout", help="dropout before each class head")
-    # DenseNet's 0.99 needs hundreds of steps to settle; fine-tuning from scratch on a few hundred
-    # images wants ~0.9 or validation collapses.
+    # DenseNet's 0.99 needs hundreds of steps to settle; fine-tuning on a few hundred images wants ~0.9, or
+    # validation during training reads stale statistics (utilities.run.recipe.batchnorm_momentum).
     bn_momentum: float = opt(
-        0.99, "--bn-momentum", help="backbone BatchNorm momentum (~0.9 when fine-tuning on little data)"
+        0.0,
+        "--bn-momentum",
+        help="backbone BatchNorm momentum; 0: from the steps per epoch, so that an epoch renews 3/4 of the "
+        "moving statistics (at most DenseNet's 0.99)",
     )
 
     def __post_init__(self) -> None:
         _check(self.fcnn_nodes >= 1, "--fcnn-nodes must be at least 1")
-        _check(0.0 < self.bn_momentum < 1.0, "--bn-momentum must be in (0, 1)")
+        _check(0.0 <= self.bn_momentum < 1.0, "--bn-momentum must be in [0, 1) (0: from the steps per epoch)")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -109,7 +133,22 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = opt(64, "-b", "--batch-size", "--batch_size", help="global batch size, split across replicas")
     epochs: int = opt(10, "-e", "--epochs", help="epochs")
-    learning_rate: float = opt(1e-4, "-l", "--learning-rate", "--learning_rate", help="Adam learning rate")
+    learning_rate: float = opt(
+        1e-4, "-l", "--learning-rate", "--learning_rate", help="Adam learning rate (the peak, with a schedule)"
+    )
+    lr_schedule: str = opt(
+        "cosine",
+        "--lr-schedule",
+        choices=SCHEDULES,
+        help="per-step learning rate: cosine (linear warmup, cosine decay to 0), step (x0.1 at 50%% and 75%%), "
+        "constant (the original's), plateau (halved when val balanced accuracy stalls)",
+    )
+    warmup_epochs: float = opt(1.0, "--warmup-epochs", help="cosine: epochs of linear warmup from 0")
+    label_smoothing: float = opt(0.1, "--label-smoothing", help="share of each label spread over the classes")
+    loss: str = opt(
+        "crossentropy", "--loss", choices=LOSSES, help="class-weighted cross-entropy, or focal (gamma 2, same weights)"
+    )
+    clip_norm: float = opt(0.0, "--clip-norm", help="clip the gradients' global norm to this; 0: no clipping")
     patience: int = opt(3, "--patience", help="early stopping on val balanced accuracy; 0 disables")
     seed: int = opt(42, "--seed", help="seed for shuffling, augmentation and initialisation")
     gpus: int = opt(
@@ -148,6 +187,11 @@ class TrainConfig:
         _check(self.progress_seconds >= 0, "--progress-every must be >= 0 seconds")
         _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(self.learning_rate > 0, "--learning-rate must be positive")
+        _check(self.lr_schedule in SCHEDULES, f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
+        _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}")
+        _check(self.warmup_epochs >= 0, "--warmup-epochs must be >= 0 (capped at all but the last step)")
+        _check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
+        _check(self.clip_norm >= 0, "--clip-norm must be >= 0 (0: no clipping)")
         _check(self.patience >= 0, "--patience must be >= 0")
         _check(self.gpus >= 1, "--gpus must be at least 1: -g 1 is one replica, the CPU on a machine without GPUs")
         _check(
@@ -246,7 +290,20 @@ class EvaluationConfig:
         "signature flags at (malignant_flag)",
     )
 
+    tta: int = opt(
+        0,
+        "--tta",
+        metavar="N",
+        help="also score the model averaged over N of the image's 8 dihedral views (flips, quarter turns) as the "
+        "variant model_tta (saved in model_tta/); 0: off",
+    )
+    export_tta: bool = opt(
+        False, "--export-tta", action="store_true", help="a SavedModel of model_tta (it averages inside) beside it"
+    )
+
     def __post_init__(self) -> None:
+        _check(self.tta == 0 or 2 <= self.tta <= 8, "--tta must be 0 (off) or 2..8 views")
+        _check(self.tta or not self.export_tta, "--export-tta needs --tta N")
         _check(self.bootstrap == 0 or self.bootstrap >= 100, "--bootstrap must be 0 (off) or at least 100 resamples")
         _check(self.gallery >= 0, "--gallery must be >= 0")
 
