@@ -43,7 +43,7 @@ demo: $(DEMO)/registry/.tagged
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_REPO="$(CURDIR)/$(DEMO)/registry" sh dvc_pull.sh -t $(DEMO_TAG)
 	WANDB_MODE=offline WANDB_DIR="$(CURDIR)/$(DEMO)" $(PY) cli.py --manifest Versioning/versioned_paths.pickle \
 		--data-tag $(DEMO_TAG) --output $(DEMO)/outputs --model-name demo_model --weights none \
-		--image-size 64 -b 32 -e 10 -l 1e-3 -f 64 --bn-momentum 0.9 -x --calibrate
+		--image-size 64 -b 32 -e 10 -l 1e-3 -f 64 -x --calibrate --tta 8
 
 # make test includes tests/container: as root it installs and starts a Docker engine of its own
 # (state in .cache/docker) and builds the image once; without an engine those tests skip (CI: fail).

@@ -210,7 +210,8 @@ def train(ctx: RunContext) -> tf_keras.Model:
         log.info("BatchNorm momentum %g (%d steps an epoch renew 3/4 of the statistics)", momentum, steps)
     epoch, step = fit(ctx, model)
     history = read_history(folder.path("history.csv"))
-    record.training = TrainingRecord(epoch, step, epochs_run=len(history.get("loss", [])))
+    weights = f"moving average (--ema {config.train.ema:g})" if config.train.ema else "as trained"
+    record.training = TrainingRecord(epoch, step, epochs_run=len(history.get("loss", [])), weights=weights)
     record.fusion_weights = fusion_weights(model)
     # Every worker saves (saving reads synced variables: collective ops); a non-chief copy is discarded.
     # The chief re-estimates a fine-tuned backbone's BatchNorm statistics first (see save_recalibrated):
@@ -319,9 +320,11 @@ def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
     # a progress line every --progress-every seconds (a bar's carriage returns garble logs).
     # Backup last: its final save comes after EarlyStopping restored the best weights; a NaN step is never saved.
     seconds = 0.0 if several_workers or config.train.checkpoint_every else BACKUP_SECONDS
+    clean = datasets.train_clean or datasets.train
     verbose, callbacks = fit_callbacks(
         progress_seconds=config.train.progress_seconds,
-        hooks=recipe.callbacks(config.train),
+        # Several workers: no re-estimation before validation (its cross-replica reads would be collectives)
+        hooks=recipe.callbacks(config.train, None if several_workers or not config.model.fine_tune else clean),
         history_csv=folder.path("history.csv"),
         loggers=ctx.tracker.callbacks(),
         patience=config.train.patience,

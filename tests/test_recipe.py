@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 import tf_keras
@@ -73,6 +75,54 @@ def test_losses_smooth_the_labels_and_focal_down_weights_easy_examples():
     assert focal_easy / easy < focal_hard / hard
 
 
+def test_ema_validates_and_leaves_the_warmed_up_average_of_every_step():
+    tf_keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)])
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
+    start = [w.copy() for w in model.get_weights()]
+
+    class Raw(tf_keras.callbacks.Callback):  # the raw weights after each step
+        steps: typing.ClassVar[list] = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append([w.copy() for w in self.model.get_weights()])
+
+    decay = 0.8
+    history = model.fit(
+        x, y, batch_size=16, epochs=3, verbose=0, validation_data=(x, y), callbacks=[recipe.WeightAverage(decay), Raw()]
+    )
+    expected = start
+    for n, weights in enumerate(Raw.steps, start=1):
+        rate = min(decay, (1 + n) / (10 + n))
+        expected = [rate * e + (1 - rate) * w for e, w in zip(expected, weights, strict=True)]
+    for got, want in zip(model.get_weights(), expected, strict=True):  # what is left (and exported): the average
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(model.get_weights()[0], Raw.steps[-1][0])
+    # the last epoch's validation scored the average, not the raw weights of its last step
+    assert history.history["val_loss"][-1] == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-5)
+    assert model.count_params() == 10  # the average hangs off the optimizer, not the model's weights
+
+
+def test_batchnorm_statistics_are_those_of_clean_batches_at_each_validation():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(3, 2, size=(64, 4)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.BatchNormalization(momentum=0.99)])
+    model.add(tf_keras.layers.Dense(2))
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.01), loss="mse")
+    clean = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    noisy = clean.map(lambda a, b: (a * 3.0 + 5.0, b))  # "augmented": other statistics
+    model.fit(noisy, epochs=2, verbose=0, validation_data=clean, callbacks=[recipe.FreshBatchNorm(clean, count=4)])
+    bn = model.layers[0]  # momentum 0.99 over 8 noisy steps would sit near the initial 0 / 1
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=0), rtol=1e-4)
+    within = np.mean([x[i : i + 16].var(axis=0) for i in range(0, 64, 16)], axis=0)  # per-batch variance, averaged
+    np.testing.assert_allclose(bn.moving_variance.numpy(), within, rtol=1e-3)
+    assert bn.momentum == 0.99
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -81,6 +131,7 @@ def test_losses_smooth_the_labels_and_focal_down_weights_easy_examples():
         ({"warmup_epochs": -1}, "--warmup-epochs"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"clip_norm": -0.5}, "--clip-norm"),
+        ({"ema": 1.0}, "--ema"),
     ],
 )
 def test_bad_recipe_values_are_refused_in_one_line(kwargs, message):

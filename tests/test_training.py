@@ -199,6 +199,7 @@ def test_preempted_run_resumes_at_the_next_step_with_the_same_batches(prepared, 
     # (data order, augmentation, optimizer state) is restored exactly, so the weights must be identical.
     common = ["--manifest", str(prepared.manifest_path), "--output", str(out), *TINY, "-b", "16", "-e", "2"]
     common += ["--dropout", "0", "--checkpoint-every", "3", "--progress-every", "0", "--no-tracking"]
+    common += ["--ema", "0.9"]  # the weight average is in the backups too: resumed, it averages the same steps
     # The uninterrupted reference trains beside the interrupted runs (its own folder; the two processes share
     # the 2 cores, each importing, building or training in its own phase); compared once both are done.
     # It also fails its release gate: complete and kept, exit 3, no latest.json.
@@ -403,12 +404,13 @@ def test_mixed_precision_on_two_replicas_scales_the_student_loss_and_exports_flo
     out = tmp_path / "out"
     args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "mp", "-e", "1", *TINY]
     # No -q here: converting DenseNet to TFLite costs ~45 s; the mixed-precision conversion is a unit test.
-    flags = ["--mixed-precision", "-g", "2", "-d", "--student-epochs", "1", "--student-filters", "8"]
+    flags = ["--mixed-precision", "-g", "2", "-d", "--student-epochs", "1", "--student-filters", "8", "--ema", "0.9"]
     result = run_cli([*args, *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "mp")
     lineage = json.loads((run_dir / "run.json").read_text())
     assert lineage["config"]["train"]["mixed_precision"] is True
+    assert lineage["training"]["weights"] == "moving average (--ema 0.9)"  # mirrored averages on two replicas
     # The two-replica CLI run (also for test_two_replicas_train_and_each_gets_half_the_global_batch).
     assert lineage["devices"]["replicas"] == 2 and lineage["devices"]["strategy"] == "MirroredStrategy"
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]

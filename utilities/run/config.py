@@ -149,6 +149,12 @@ class TrainConfig:
         "crossentropy", "--loss", choices=LOSSES, help="class-weighted cross-entropy, or focal (gamma 2, same weights)"
     )
     clip_norm: float = opt(0.0, "--clip-norm", help="clip the gradients' global norm to this; 0: no clipping")
+    ema: float = opt(
+        0.0,
+        "--ema",
+        metavar="DECAY",
+        help="validate, choose and export an exponential moving average of the weights (e.g. 0.999); 0: off",
+    )
     patience: int = opt(3, "--patience", help="early stopping on val balanced accuracy; 0 disables")
     seed: int = opt(42, "--seed", help="seed for shuffling, augmentation and initialisation")
     gpus: int = opt(
@@ -192,6 +198,7 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "--warmup-epochs must be >= 0 (capped at all but the last step)")
         _check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
         _check(self.clip_norm >= 0, "--clip-norm must be >= 0 (0: no clipping)")
+        _check(0.0 <= self.ema < 1.0, "--ema must be in [0, 1) (0: off)")
         _check(self.patience >= 0, "--patience must be >= 0")
         _check(self.gpus >= 1, "--gpus must be at least 1: -g 1 is one replica, the CPU on a machine without GPUs")
         _check(

@@ -214,6 +214,7 @@ class TrainingRecord:
     resumed_from_step: int = 0
     epochs_run: int = 0
     batchnorm_batches: int | None = None  # a fine-tuned backbone's BatchNorm re-estimation (chief only)
+    weights: str = "as trained"  # what was validated and exported: or "moving average (--ema D)"
 
 
 @dataclass

@@ -12,6 +12,9 @@ holds, so a resumed run continues the schedule exactly where it stopped:
 - `constant`: `--learning-rate` throughout (the original's);
 - `plateau`: constant, halved after an epoch whose validation balanced accuracy did not improve
   (down to 1/64 of it; the factor lives in the optimizer's learning-rate variable, which the backup holds).
+Weights (`--ema DECAY`, `WeightAverage`): an exponential moving average of the trainable weights and of the
+BatchNorm statistics that train, its decay warmed up as timm's (min(DECAY, (1 + n) / (10 + n)) at update n);
+validation during training, early stopping's choice and the export all see the average; the backup holds it.
 Loss (`--loss`): class-weighted cross-entropy (the weights come from `fit(class_weight=…)`), or focal
 cross-entropy (γ = 2) with the same weights; both with `--label-smoothing`.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import tensorflow as tf
 import tf_keras
 
 from utilities.data.schema import HEADLINE
@@ -73,11 +77,15 @@ def loss(train) -> tf_keras.losses.Loss:
     return tf_keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
 
 
-def callbacks(train) -> list[tf_keras.callbacks.Callback]:
-    """The schedule's callbacks: `plateau`'s halving on validation balanced accuracy; none otherwise."""
+def callbacks(train, clean_batches: tf.data.Dataset | None = None) -> list[tf_keras.callbacks.Callback]:
+    """The recipe's callbacks: `--ema`'s weight average; BatchNorm statistics re-estimated on `clean_batches`
+    before each validation (`FreshBatchNorm`; None: not); `plateau`'s halving on validation balanced accuracy."""
+    chosen: list[tf_keras.callbacks.Callback] = [WeightAverage(train.ema)] if train.ema else []
+    chosen += [FreshBatchNorm(clean_batches)] if clean_batches is not None else []
     if train.lr_schedule != "plateau":
-        return []
+        return chosen
     return [
+        *chosen,
         tf_keras.callbacks.ReduceLROnPlateau(
             monitor=f"val_{HEADLINE}",
             mode="max",
@@ -85,7 +93,7 @@ def callbacks(train) -> list[tf_keras.callbacks.Callback]:
             patience=0,
             min_lr=train.learning_rate * PLATEAU_FLOOR,
             verbose=0,
-        )
+        ),
     ]
 
 
@@ -95,3 +103,143 @@ def current_rate(optimizer) -> float:
     if isinstance(rate, tf_keras.optimizers.schedules.LearningRateSchedule):
         rate = rate(optimizer.iterations)
     return float(tf_keras.backend.get_value(rate))
+
+
+class WeightAverage(tf_keras.callbacks.Callback):
+    """`--ema DECAY`: the model is trained on its raw weights and judged (validated, chosen by early stopping,
+    exported) on their exponential moving average.
+
+    The raw weights are in the model during every training step (and in every mid-epoch backup); from the
+    epoch's validation to the next epoch's first step the average is (so EarlyStopping's snapshot at the
+    epoch's end, and the weights left when training ends, are averages). The average and its update count
+    hang off the model's optimizer, so `BackupAndRestore` saves and restores them with it (a resumed run
+    continues the same average) while `model.weights` and the saved model hold only the model's own.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = float(decay)
+        self._averaged = False
+
+    def _variables(self) -> list[tf.Variable]:
+        from utilities.model import walk_layers  # utilities.model imports utilities.run.config; no cycle here
+
+        stats = [
+            v
+            for _, layer in walk_layers(self.model)
+            if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
+            for v in (layer.moving_mean, layer.moving_variance)
+        ]
+        return list(self.model.trainable_variables) + stats
+
+    def on_train_begin(self, logs=None):
+        self._averaged = False
+        self._pairs = None
+        variables = self._variables()
+        optimizer = self.model.optimizer
+        state = getattr(optimizer, "dermaid_weight_average", None)
+        if state is None:  # created before BackupAndRestore (a later callback) restores into it
+            state = tf.Module(name="weight_average")
+            with self.model.distribute_strategy.scope():
+                state.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
+                state.shadow = [tf.Variable(v, trainable=False, name=f"ema_{i}") for i, v in enumerate(variables)]
+            optimizer.dermaid_weight_average = state  # in the backup with the optimizer, not in model.weights
+        updates, shadow = state.updates, list(state.shadow)
+        pairs = list(zip(shadow, variables, strict=True))
+        decay = self.decay
+
+        @tf.function
+        def update():
+            n = tf.cast(updates.assign_add(1), tf.float32)
+            rate = tf.minimum(decay, (1.0 + n) / (10.0 + n))
+            for average, variable in pairs:
+                average.assign(rate * average + (1.0 - rate) * tf.cast(variable, average.dtype))
+
+        @tf.function
+        def swap():
+            for average, variable in pairs:
+                value = tf.identity(variable)
+                variable.assign(average)
+                average.assign(value)
+
+        self._update, self._swap = update, swap
+
+    def _use(self, averaged: bool) -> None:
+        if self._averaged != averaged:
+            self._swap()
+            self._averaged = averaged
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._use(False)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._update()
+
+    def on_test_begin(self, logs=None):  # the epoch's validation inside fit
+        self._use(True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._use(False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._use(True)
+
+
+FRESH_BATCHES = 8  # clean training batches behind the BatchNorm statistics of each validation during training
+
+
+class FreshBatchNorm(tf_keras.callbacks.Callback):
+    """Before each validation during training, the trainable BatchNorm layers' statistics are re-estimated on up
+    to FRESH_BATCHES clean (un-augmented) training batches at the current weights, as the exported model's are
+    (`utilities.model.recalibrate_batchnorm`, which sees up to 100): the curves and early stopping then judge
+    what would be exported, not statistics gathered on augmented batches (colour jitter widens them) under
+    weights that have moved. Forward passes only, per replica (`strategy.run`: each replica's statistics, read
+    back as their mean); training itself is untouched (it normalises by the batch's own statistics).
+    """
+
+    def __init__(self, batches: tf.data.Dataset, count: int = FRESH_BATCHES):
+        super().__init__()
+        self.batches, self.count = batches, count
+        self._forward = None
+
+    def _layers(self) -> list[tf_keras.layers.BatchNormalization]:
+        from utilities.model import walk_layers
+
+        return [
+            layer
+            for _, layer in walk_layers(self.model)
+            if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
+        ]
+
+    def on_test_begin(self, logs=None):
+        layers = self._layers()
+        if not layers:
+            return
+        strategy = self.model.distribute_strategy
+        momenta = [layer.momentum for layer in layers]
+        sums = [[tf.zeros_like(layer.moving_mean), tf.zeros_like(layer.moving_variance)] for layer in layers]
+        used = 0
+        try:
+            for layer in layers:
+                layer.momentum = 0.0  # read when the forward pass is traced (once: the function is kept)
+            if self._forward is None:
+                model = self.model
+
+                @tf.function
+                def forward(features):
+                    strategy.run(lambda f: model(f, training=True), args=(features,))
+
+                self._forward = forward
+            for features, *_ in strategy.experimental_distribute_dataset(self.batches.take(self.count)):
+                self._forward(features)
+                used += 1
+                for total, layer in zip(sums, layers, strict=True):
+                    total[0] += layer.moving_mean
+                    total[1] += layer.moving_variance
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
+        if used:
+            for (mean, variance), layer in zip(sums, layers, strict=True):
+                layer.moving_mean.assign(mean / used)
+                layer.moving_variance.assign(variance / used)
