@@ -328,6 +328,7 @@ def fit(ctx: RunContext, model: tf_keras.Model) -> tuple[int, int]:
         history_csv=folder.path("history.csv"),
         loggers=ctx.tracker.callbacks(),
         patience=config.train.patience,
+        patience_from=recipe.patience_start(config.train),
         tensorboard_dir=local_mount(config.output.tensorboard_dir) if config.output.tensorboard_dir else None,
         backup=Backup(backup_dir, config.train.checkpoint_every, seconds, watch=None if several_workers else watch),
     )

@@ -42,6 +42,8 @@ def test_step_drops_tenfold_twice_and_constant_and_plateau_start_at_the_rate():
     for name in ("constant", "plateau"):
         assert recipe.learning_rate(TrainConfig(learning_rate=3e-4, lr_schedule=name), 10) == 3e-4
     assert recipe.callbacks(TrainConfig()) == []
+    starts = [recipe.patience_start(TrainConfig(epochs=10, lr_schedule=n)) for n in ("cosine", "step", "constant")]
+    assert starts == [5, 5, 0]  # a decaying rate: early stopping waits for the second half
 
 
 def test_plateau_halves_the_rate_after_an_epoch_without_progress_down_to_its_floor():

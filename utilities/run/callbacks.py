@@ -153,6 +153,7 @@ def fit_callbacks(
     history_csv: str | Path | None = None,
     loggers: Sequence[tf_keras.callbacks.Callback] = (),
     patience: int = 0,
+    patience_from: int = 0,
     tensorboard_dir: str | None = None,
     backup: tf_keras.callbacks.Callback | None = None,
 ) -> tuple[int, list[tf_keras.callbacks.Callback]]:
@@ -161,7 +162,8 @@ def fit_callbacks(
     a `BackupAndRestore` on `restore_dir` first, so that `hooks` see the restored state at train begin
     (tfmot's `UpdatePruningStep` reads the restored pruning step, a `ResumeProbe` the restored epoch);
     `NanGuard(what)`; `LearningRateLog`; a `CSVLogger` appending to `history_csv`; `loggers` (the tracker's callbacks, an
-    `EpochLogger`); `EarlyStopping` on val balanced accuracy when `patience` > 0 (best weights restored at
+    `EpochLogger`); `EarlyStopping` on val balanced accuracy when `patience` > 0, from epoch `patience_from`
+    (0-based; earlier epochs neither count nor are kept) (best weights restored at
     the end); `TensorBoard` when a dir is given; the progress display; `backup` last, so that its final
     save comes after EarlyStopping restored the best weights and a NaN step is never saved.
     """
@@ -175,7 +177,11 @@ def fit_callbacks(
     if patience > 0:
         callbacks.append(
             tf_keras.callbacks.EarlyStopping(
-                monitor=f"val_{HEADLINE}", mode="max", patience=patience, restore_best_weights=True
+                monitor=f"val_{HEADLINE}",
+                mode="max",
+                patience=patience,
+                restore_best_weights=True,
+                start_from_epoch=patience_from,
             )
         )
     if tensorboard_dir:

@@ -155,7 +155,12 @@ class TrainConfig:
         metavar="DECAY",
         help="validate, choose and export an exponential moving average of the weights (e.g. 0.999); 0: off",
     )
-    patience: int = opt(3, "--patience", help="early stopping on val balanced accuracy; 0 disables")
+    patience: int = opt(
+        3,
+        "--patience",
+        help="early stopping on val balanced accuracy (with cosine or step: in the second half of the epochs); "
+        "0 disables",
+    )
     seed: int = opt(42, "--seed", help="seed for shuffling, augmentation and initialisation")
     gpus: int = opt(
         1, "-g", "--gpus", "--num_gpus", help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
