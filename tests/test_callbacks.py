@@ -10,6 +10,7 @@ import tf_keras
 
 from utilities.run.callbacks import (
     Backup,
+    LearningRateLog,
     NanGuard,
     NanLossError,
     Preempted,
@@ -76,10 +77,12 @@ def test_fit_callbacks_restore_first_backup_last_and_early_stopping_only_with_pa
     )
     assert verbose in (1, 2)
     assert type(callbacks[0]) is tf_keras.callbacks.BackupAndRestore and callbacks[1] is hook
-    assert isinstance(callbacks[2], NanGuard) and callbacks[2].what == "distillation" and callbacks[3] is logger
-    assert isinstance(callbacks[4], tf_keras.callbacks.EarlyStopping) and callbacks[-1] is backup
+    assert isinstance(callbacks[2], NanGuard) and callbacks[2].what == "distillation"
+    assert isinstance(callbacks[3], LearningRateLog) and callbacks[4] is logger  # lr in the logs the loggers read
+    assert isinstance(callbacks[5], tf_keras.callbacks.EarlyStopping) and callbacks[-1] is backup
     _, plain = fit_callbacks(history_csv=tmp_path / "history.csv")
-    assert isinstance(plain[0], NanGuard) and isinstance(plain[1], tf_keras.callbacks.CSVLogger)
+    assert isinstance(plain[0], NanGuard) and isinstance(plain[1], LearningRateLog)
+    assert isinstance(plain[2], tf_keras.callbacks.CSVLogger)
     assert not any(isinstance(c, tf_keras.callbacks.EarlyStopping | tf_keras.callbacks.BackupAndRestore) for c in plain)
 
 

@@ -215,6 +215,9 @@ def test_an_interrupted_two_worker_run_resumes_on_both_workers(gcs_data, gcs_emu
     assert_all_succeeded(workers)
     lineage = json.loads((out / name / run / "run.json").read_text())
     # Both restored epoch 1 from the chief's backup: a worker starting over would be out of step.
-    assert lineage["training"] == {"resumed_from_epoch": 1, "resumed_from_step": 0, "epochs_run": 2}, lineage[
-        "training"
-    ]
+    assert lineage["training"] == {
+        "resumed_from_epoch": 1,
+        "resumed_from_step": 0,
+        "epochs_run": 2,
+        "weights": "as trained",
+    }, lineage["training"]

@@ -44,18 +44,12 @@ class DataConfig:
     image_size: int = opt(
         DEFAULT_IMAGE_SIZE, "--image-size", help=f"square model input side in pixels (>= {MIN_IMAGE_SIZE})"
     )
-    augment: bool = opt(
-        True,
-        "--no-augment",
-        action="store_false",
-        help="no augmentation of training batches (flips, quarter turns, rotation, shift, zoom, colour, cutout, "
-        "metadata dropout)",
-    )
+    augment: bool = opt(True, "--no-augment", action="store_false", help="no augmentation of training batches")
     colour_jitter: float = opt(
         0.1,
         "--colour-jitter",
         metavar="S",
-        help="brightness and contrast x U(1-S, 1+S), saturation x U(1-2S, 1+2S), hue +-S/2 turn; 0: none",
+        help="per image: brightness and contrast x U(1-S, 1+S), saturation x U(1-2S, 1+2S), hue +-S/2 turn; 0: none",
     )
     cutout: float = opt(
         0.0, "--cutout", metavar="F", help="one square of side F x the image's set to its mean colour; 0: none"
@@ -140,8 +134,7 @@ class TrainConfig:
         "cosine",
         "--lr-schedule",
         choices=SCHEDULES,
-        help="per-step learning rate: cosine (linear warmup, cosine decay to 0), step (x0.1 at 50%% and 75%%), "
-        "constant (the original's), plateau (halved when val balanced accuracy stalls)",
+        help="per-step learning rate: cosine (warmup, then decay to 0), step (x0.1 at 50%% and 75%%), constant, plateau",
     )
     warmup_epochs: float = opt(1.0, "--warmup-epochs", help="cosine: epochs of linear warmup from 0")
     label_smoothing: float = opt(0.1, "--label-smoothing", help="share of each label spread over the classes")
@@ -149,18 +142,8 @@ class TrainConfig:
         "crossentropy", "--loss", choices=LOSSES, help="class-weighted cross-entropy, or focal (gamma 2, same weights)"
     )
     clip_norm: float = opt(0.0, "--clip-norm", help="clip the gradients' global norm to this; 0: no clipping")
-    ema: float = opt(
-        0.0,
-        "--ema",
-        metavar="DECAY",
-        help="validate, choose and export an exponential moving average of the weights (e.g. 0.999); 0: off",
-    )
-    patience: int = opt(
-        3,
-        "--patience",
-        help="early stopping on val balanced accuracy (with cosine or step: in the second half of the epochs); "
-        "0 disables",
-    )
+    ema: float = opt(0.0, "--ema", metavar="DECAY", help="validate/export a moving average of the weights; 0: off")
+    patience: int = opt(3, "--patience", help="early stop on val balanced accuracy (cosine/step: 2nd half); 0: off")
     seed: int = opt(42, "--seed", help="seed for shuffling, augmentation and initialisation")
     gpus: int = opt(
         1, "-g", "--gpus", "--num_gpus", help="replicas: MirroredStrategy over N GPUs (N logical CPUs without GPUs)"
@@ -302,13 +285,7 @@ class EvaluationConfig:
         "signature flags at (malignant_flag)",
     )
 
-    tta: int = opt(
-        0,
-        "--tta",
-        metavar="N",
-        help="also score the model averaged over N of the image's 8 dihedral views (flips, quarter turns) as the "
-        "variant model_tta (saved in model_tta/); 0: off",
-    )
+    tta: int = opt(0, "--tta", metavar="N", help="score model_tta too: the mean over N dihedral views; 0: off")
     export_tta: bool = opt(
         False, "--export-tta", action="store_true", help="a SavedModel of model_tta (it averages inside) beside it"
     )
