@@ -126,3 +126,21 @@ def test_scale_bench_writes_its_json(tmp_path, capsys):
     assert phases["cached_epoch"]["images"] > 16  # N's train count of cached rows, not the sample's
     assert set(result["flat"]) == set(scale.PHASE_NAMES)
     assert "Scale: ISIC-sized JPEGs" in capsys.readouterr().out
+
+
+def test_recipe_bench_builds_the_digits_task_in_the_isic_layout_and_its_floor(tmp_path):
+    """bench.recipe's real-image task: scikit-learn's digits 0-7 go through tools.prepare like ISIC data, and a
+    logistic regression on 16×16 grey pixels of its split is the floor the recipes are held to."""
+    from bench import recipe
+
+    manifest = recipe.task_manifest("digits", tmp_path)
+    arrays = recipe.split_arrays(manifest, tmp_path / "cache")
+    (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+    assert x_train.shape[1] == 256 and set(y_train) == set(range(8)) and set(y_test) == set(range(8))
+    assert len(x_train) + len(x_test) < 1437 and len(x_train) > 900  # val held apart
+    assert recipe.logistic_floor(manifest, tmp_path / "cache2") > 0.9  # real digits: an easy, not a trivial, task
+    row = {"test": 0.9, "val": 0.9, "in_fit_gap": 0.01, "worst_train_fall": 0.0}
+    table = recipe.report(
+        {"tasks": {"digits": {"logistic_regression_test": 0.97, "runs": {"old": [row], "new": [row]}}}}
+    )
+    assert "logistic regression" in table and "0.900" in table
