@@ -35,7 +35,7 @@ from utilities.data.schema import (
 from utilities.evaluation.metrics import _check_inputs
 from utilities.evaluation.results import GroupMetrics
 
-_TEMPERATURE_BOUNDS = (0.05, 20.0)
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 # Subgroup labels in report order; "unknown" (missing or undecodable metadata) always last.
 UNKNOWN = "unknown"
 SEX_GROUPS: tuple[str, ...] = (*SEXES, UNKNOWN)
@@ -191,7 +191,7 @@ def fit_temperature(y_true, probs) -> float:
         return float(np.mean(logsumexp(logits / t, axis=1) - true_logit / t))
 
     # Searched on log T so that halving and doubling are equally far from T = 1.
-    bounds = (np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1]))
+    bounds = (np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1]))
     result = minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-5})
     return float(np.exp(result.x))
 

@@ -39,6 +39,14 @@ def calibrate(
     """Fit T on `result`'s validation probabilities; fold it into `model` and into the model saved in
     `saved`; replace `result`'s val/test metrics and probabilities by the calibrated ones. Returns T."""
     temperature = analysis.fit_temperature(result.labels["val"], result.probabilities["val"])
+    if any(abs(np.log(temperature / bound)) < 1e-3 for bound in analysis.TEMPERATURE_BOUNDS):
+        log.warning(
+            "%s: temperature %.3f is at the end of its search range: validation has no interior optimum (with "
+            "no validation error, sharper is always better), so the calibration is not identified; check the "
+            "test ECE before relying on it",
+            saved.name,
+            temperature,
+        )
     set_temperature(model, temperature)
     exported = load_model(saved)  # the saved file, BatchNorm statistics re-estimated as exported
     set_temperature(exported, temperature)

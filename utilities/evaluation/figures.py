@@ -319,7 +319,7 @@ def plot_error_gallery(items: Sequence[dict], path: str | os.PathLike, columns: 
     if not items:
         raise ValueError("plot_error_gallery needs at least one item; skip the figure when there are no mistakes")
     rows, columns = _grid(len(items), columns)
-    fig = Figure(figsize=(1.7 * columns, 2.0 * rows + 0.4), layout="constrained")
+    fig = Figure(figsize=(max(1.7 * columns, 5.2), 2.0 * rows + 0.4), layout="constrained")  # the title fits
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -330,7 +330,9 @@ def plot_error_gallery(items: Sequence[dict], path: str | os.PathLike, columns: 
             odds += f" · p(true) {item['true_probability']:.2f}"
         caption = f"{_short(str(item['name']))}\ntrue {item['true']} → pred {item['predicted']}\n{odds}"
         ax.set_title(caption, fontsize=7, linespacing=1.2)
-    fig.suptitle("Most confident mistakes (test): true class → predicted class, and the probability of each")
+    title = "Most confident mistakes (test): true class → predicted class, and the probability of each"
+    # Fewer than 5 columns are narrower than the one-line title: two lines then, or it is cut at both edges.
+    fig.suptitle(title if columns >= 5 else title.replace(": ", ":\n", 1))
     return _save(fig, path)
 
 
