@@ -66,6 +66,7 @@ def test_the_model_card_is_written_from_the_records(prepared, scored_run):
     assert card["variants"]["model_dynamic"]["agreement_with_model"] == dynamic.agreement
     assert card["gate"] is None and card["signatures"] is None  # no latest run to compare with; --no-saved-model
     assert card["tflite"]["files"] == ["model_dynamic.tflite"] and "age_approx" in card["tflite"]["inputs"]
+    assert card["training"]["lr_schedule"] == "cosine" and card["training"]["weights_exported"] == "as trained"
     text = (run_dir / MODEL_CARD_MD).read_text()
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == [
@@ -74,7 +75,7 @@ def test_the_model_card_is_written_from_the_records(prepared, scored_run):
         "## Training",
         "## Metrics",
         "## Triage operating points",
-        "## Compressed variants",
+        "## Other variants (compressed, test-time augmented)",
         "## Release gate",
         "## How to call it",
         "## Intended use and limits",

@@ -25,6 +25,8 @@ from utilities.run.config import QUANTIZE_MODES
 
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "model_card.md"
+TRAIN_RECIPE = ("epochs", "batch_size", "learning_rate", "lr_schedule", "warmup_epochs", "label_smoothing", "loss")
+TRAIN_RECIPE += ("clip_norm", "ema", "seed")
 INTENDED_USE = (
     "Research and decision support for trained clinicians triaging dermoscopy images: a ranking of the "
     "eight ISIC 2019 diagnoses and a malignancy flag. Not a diagnostic device; not validated for "
@@ -107,9 +109,12 @@ def model_card(record, metrics: RunMetrics, serving: dict[str, Any] | None) -> d
             "images_per_class": data.counts if data else None,
         },
         "training": {
-            **{k: (config.get("train") or {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")},
+            **{k: (config.get("train") or {}).get(k) for k in TRAIN_RECIPE},
             **{k: (config.get("model") or {}).get(k) for k in ("weights", "fine_tune", "fcnn_nodes", "dropout")},
-            "augment": (config.get("data") or {}).get("augment"),
+            **{
+                k: (config.get("data") or {}).get(k) for k in ("augment", "colour_jitter", "cutout", "metadata_dropout")
+            },
+            "weights_exported": record.training.weights if record.training else None,
             "epochs_run": record.training.epochs_run if record.training else None,
             "class_weights": "inverse class frequency",
         },
@@ -204,7 +209,8 @@ def markdown(card: dict[str, Any]) -> str:
     lines.append("")
     if card["variants"]:
         lines += _table_head(
-            "Compressed variants", ["variant", f"test {HEADLINE}", "Δ vs model", "agreement", "gzip ratio"]
+            "Other variants (compressed, test-time augmented)",
+            ["variant", f"test {HEADLINE}", "Δ vs model", "agreement", "gzip ratio"],
         )
         for name, v in card["variants"].items():
             if "error" in v:
