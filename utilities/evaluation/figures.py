@@ -112,6 +112,8 @@ def plot_training_curves(
                 linestyle="none",
                 label=f"exported model, val ({exported_val:.2f})",
             )
+        if key == "lr":
+            ax.set_ylim(bottom=0)  # a constant rate is a flat line at its height, not noise around an offset
         ax.set(title=title, xlabel="epoch", ylabel=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
