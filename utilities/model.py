@@ -17,9 +17,10 @@ anything; `trust_code=True` (`--trust-model-code`) skips the check for a file th
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -274,7 +275,18 @@ def _all_layers(model: tf_keras.Model) -> Iterator[tf_keras.layers.Layer]:
     return (layer for _, layer in walk_layers(model))
 
 
-def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int = 100) -> int:
+def trainable_batchnorms(model: tf_keras.Model) -> list[tf_keras.layers.BatchNormalization]:
+    """The model's BatchNorm layers that train (a fine-tuned backbone's), nested models included."""
+    return [
+        layer
+        for layer in _all_layers(model)
+        if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
+    ]
+
+
+def recalibrate_batchnorm(
+    model: tf_keras.Model, batches: Any, max_batches: int = 100, forward: Callable[[Any], Any] | None = None
+) -> int:
     """Precise BatchNorm: set every trainable BatchNorm's moving mean/variance to the average of its
     batch statistics over up to `max_batches` training batches (forward passes only, no gradient step).
 
@@ -283,13 +295,12 @@ def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int 
     for every image) although training accuracy rose. Here each compiled forward pass runs with
     momentum 0 (the moving statistics become that batch's), and their mean over the batches is kept.
     Frozen BatchNorm layers (a frozen backbone) run in inference mode and are left alone. Returns the
-    number of batches used (0: nothing to do). Call on a model outside any distribution strategy.
+    number of batches used (0: nothing to do). By default on a model outside any distribution strategy;
+    `forward` (features → None, e.g. a `strategy.run` per replica over distributed `batches`) replaces the
+    plain training-mode call — a tf.function first traced here, so it sees momentum 0 (`FreshBatchNorm`
+    keeps one across epochs).
     """
-    layers = [
-        layer
-        for layer in _all_layers(model)
-        if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
-    ]
+    layers = trainable_batchnorms(model)
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
@@ -298,8 +309,9 @@ def recalibrate_batchnorm(model: tf_keras.Model, batches: Any, max_batches: int 
     try:
         for layer in layers:
             layer.momentum = 0.0  # read when the forward pass is traced
-        forward = tf.function(lambda features: model(features, training=True), reduce_retracing=True)
-        for features, *_ in batches.take(max_batches):
+        if forward is None:
+            forward = tf.function(lambda features: model(features, training=True), reduce_retracing=True)
+        for features, *_ in itertools.islice(iter(batches), max_batches):
             forward(features)
             used += 1
             for total, layer in zip(sums, layers, strict=True):

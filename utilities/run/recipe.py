@@ -130,14 +130,9 @@ class WeightAverage(tf_keras.callbacks.Callback):
         self._averaged = False
 
     def _variables(self) -> list[tf.Variable]:
-        from utilities.model import walk_layers  # utilities.model imports utilities.run.config; no cycle here
+        from utilities.model import trainable_batchnorms  # utilities.model imports utilities.run.config
 
-        stats = [
-            v
-            for _, layer in walk_layers(self.model)
-            if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
-            for v in (layer.moving_mean, layer.moving_variance)
-        ]
+        stats = [v for layer in trainable_batchnorms(self.model) for v in (layer.moving_mean, layer.moving_variance)]
         return list(self.model.trainable_variables) + stats
 
     def on_train_begin(self, logs=None):
@@ -210,44 +205,12 @@ class FreshBatchNorm(tf_keras.callbacks.Callback):
         self.batches, self.count = batches, count
         self._forward = None
 
-    def _layers(self) -> list[tf_keras.layers.BatchNormalization]:
-        from utilities.model import walk_layers
-
-        return [
-            layer
-            for _, layer in walk_layers(self.model)
-            if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.trainable
-        ]
-
     def on_test_begin(self, logs=None):
-        layers = self._layers()
-        if not layers:
-            return
+        from utilities.model import recalibrate_batchnorm
+
         strategy = self.model.distribute_strategy
-        momenta = [layer.momentum for layer in layers]
-        sums = [[tf.zeros_like(layer.moving_mean), tf.zeros_like(layer.moving_variance)] for layer in layers]
-        used = 0
-        try:
-            for layer in layers:
-                layer.momentum = 0.0  # read when the forward pass is traced (once: the function is kept)
-            if self._forward is None:
-                model = self.model
-
-                @tf.function
-                def forward(features):
-                    strategy.run(lambda f: model(f, training=True), args=(features,))
-
-                self._forward = forward
-            for features, *_ in strategy.experimental_distribute_dataset(self.batches.take(self.count)):
-                self._forward(features)
-                used += 1
-                for total, layer in zip(sums, layers, strict=True):
-                    total[0] += layer.moving_mean
-                    total[1] += layer.moving_variance
-        finally:
-            for layer, momentum in zip(layers, momenta, strict=True):
-                layer.momentum = momentum
-        if used:
-            for (mean, variance), layer in zip(sums, layers, strict=True):
-                layer.moving_mean.assign(mean / used)
-                layer.moving_variance.assign(variance / used)
+        if self._forward is None:  # traced once, inside recalibrate_batchnorm (momentum 0), kept for every epoch
+            model = self.model
+            self._forward = tf.function(lambda f: strategy.run(lambda x: model(x, training=True), args=(f,)))
+        batches = strategy.experimental_distribute_dataset(self.batches.take(self.count))
+        recalibrate_batchnorm(self.model, batches, self.count, self._forward)
