@@ -132,6 +132,10 @@ def _function(module: str, name: str) -> dict[str, str]:
     ("layer", "named"),
     [
         ({"class_name": "TFOpLambda", "config": {"name": "op", "function": "io.write_file"}}, "TFOpLambda"),
+        (  # MobileNetV3's arithmetic op, but looked up in a module of the file's choosing
+            {"class_name": "TFOpLambda", "module": "planted", "config": {"name": "op", "function": "math.multiply"}},
+            "'planted'",
+        ),
         (  # a marshalled function under an innocent class name
             {"class_name": "Dense", "config": {"name": "d", "function": ["4wEAAAAA", None, None]}},
             "marshalled Python bytecode",

@@ -360,6 +360,16 @@ def test_serving_raw_answers_like_the_run(full_run, demo_dir, tmp_path):
     run_dir = only_run(full_run.out, FULL)
     record = json.loads((run_dir / "model" / serving.SERVING_JSON).read_text())
     assert record["operating_point"]["specificity_on_val"] == 0.95 and record["image_size"] == 32
+    got = serve_raw(run_dir, demo_dir, tmp_path)
+    assert got["class_names"] == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    assert got["top_class_is_argmax"] and got["flag_is_threshold"] and got["malignant_is_sum"], got
+
+
+def serve_raw(run_dir: Path, demo_dir: Path, tmp_path: Path, agreement: float = 0.99, max_dp: float = 0.02) -> dict:
+    """SERVE_RAW on a run's SavedModel, in a process that cannot import this project: its summary.
+
+    The records hold JPEGs re-encoded at the prepared size, the client the originals: a few grey levels
+    apart, which moves a barely trained model's probabilities by more than a trained one's."""
     clean_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TF_USE_LEGACY_KERAS": "1"}
     args = [str(run_dir / "model"), str(demo_dir), str(run_dir / "predictions" / "model_test.csv")]
     done = subprocess.run(
@@ -374,9 +384,37 @@ def test_serving_raw_answers_like_the_run(full_run, demo_dir, tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nserving_raw vs predictions/model_test.csv: {got}")
     assert got["n"] >= 20 and got["predicted_classes"] >= 2, got  # not a constant model: agreement means something
-    assert got["agreement"] >= 0.99 and got["max_dp"] < 0.02, got
-    assert got["class_names"] == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
-    assert got["top_class_is_argmax"] and got["flag_is_threshold"] and got["malignant_is_sum"], got
+    assert got["agreement"] >= agreement and got["max_dp"] < max_dp, got
+    return got
+
+
+@pytest.mark.slow
+def test_a_small_backbone_prunes_distils_quantizes_and_serves_raw_input(prepared, demo_dir, tmp_path):
+    """--backbone mobilenetv3small (the smallest; its hard-swish is TF-op layers the trust check admits)
+    through every step that touches the backbone: fine-tune, BatchNorm re-estimation, pruning inside it,
+    distillation from it, int8 TFLite from raw fields, and the SavedModel served from raw inputs."""
+    out = tmp_path / "out"
+    args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "small", *FINE_TUNED]
+    args += ["--backbone", "MobileNetV3Small", "-e", "2", "--no-tracking", "-p", "--prune-epochs", "1"]
+    args += ["-d", "--student-epochs", "1", "--student-filters", "8", "-q", "int8"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(out, "small")
+    lineage = json.loads((run_dir / "run.json").read_text())
+    assert lineage["config"]["model"]["backbone"] == "mobilenetv3small"  # the flag is case-insensitive
+    assert lineage["training"]["batchnorm_batches"] > 0
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert {"model", "pruned", "student", "model_int8", "pruned_int8", "student_int8"} <= set(variants)
+    for name, variant in variants.items():
+        assert "error" not in variant, (name, variant)
+    assert variants["pruned"]["sparsity_overall"] == pytest.approx(0.5, abs=0.05)
+    # int8 from raw fields through MobileNetV3's graph; a 2-epoch model's near-uniform outputs make its argmax
+    # agreement noise (test_quantization bounds it on a trained model), so only that it was measured.
+    assert 0.0 <= variants["model_int8"]["agreement"] <= 1.0 and (run_dir / "tflite.json").is_file()
+    assert "- MobileNetV3Small image branch" in (run_dir / "model_card.md").read_text()
+    # Two epochs from scratch: ±2 grey levels of noise move this model's probabilities by up to 0.18
+    # (measured), so the bound on |Δp| is loose; a backbone fed the wrong preprocessing would disagree.
+    serve_raw(run_dir, demo_dir, tmp_path, agreement=0.9, max_dp=0.3)
 
 
 @pytest.mark.slow
@@ -403,8 +441,9 @@ def test_cli_distills_and_quantizes_and_lists_every_variant(full_run):
 def test_mixed_precision_on_two_replicas_scales_the_student_loss_and_exports_float32(prepared, tmp_path):
     out = tmp_path / "out"
     args = ["--manifest", str(prepared.manifest_path), "--output", str(out), "-n", "mp", "-e", "1", *TINY]
-    # No -q here: converting DenseNet to TFLite costs ~45 s; the mixed-precision conversion is a unit test.
+    # No -q here: the mixed-precision conversion is a unit test. Not about DenseNet: the smallest backbone.
     flags = ["--mixed-precision", "-g", "2", "-d", "--student-epochs", "1", "--student-filters", "8", "--ema", "0.9"]
+    flags += ["--backbone", "mobilenetv3small"]
     result = run_cli([*args, *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(out, "mp")

@@ -1,11 +1,12 @@
-"""The DermAID model: DenseNet121 image branch + metadata dense branch, fused by learned weights.
+"""The DermAID model: a backbone's image branch + metadata dense branch, fused by learned weights.
 
-    image (B,S,S,3) float 0..255 ─ DenseNet preprocessing ─ DenseNet121 (avg-pooled, 1024) ─ Dense(8) ─┐
-                                                                                                      FusionLayer → probs (B,8)
-    metadata (B,28) multi-hot ─ Dense(f, relu) ─ Dropout ─ Dense(8) ─────────────────────────────────┘
+    image (B,S,S,3) float 0..255 ─ its preprocessing ─ backbone (avg-pooled; DenseNet121: 1024) ─ Dense(8) ─┐
+                                                                                                          FusionLayer → probs (B,8)
+    metadata (B,28) multi-hot ─ Dense(f, relu) ─ Dropout ─ Dense(8) ─────────────────────────────────────┘
 
+The backbone is `--backbone` (DenseNet121 by default, the original's; `utilities.backbones`).
 Preprocessing lives inside the model so a saved or TFLite model takes raw pixels. Every custom class
-here is registered with Keras, so `tf_keras.models.load_model(path)` needs no `custom_objects` once
+here (and in utilities.backbones) is registered with Keras, so `tf_keras.models.load_model(path)` needs no `custom_objects` once
 this module is imported (`import utilities.model`); a SavedModel export (for serving) loads with
 `tf.saved_model.load(path)` and needs nothing.
 
@@ -28,14 +29,11 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
+from utilities.backbones import build_backbone, preprocess
 from utilities.data.schema import CLASS_NAMES, HEADLINE, METADATA_SIZE, NUM_CLASSES, PROBABILITY_FLOOR
 from utilities.errors import one_line
 from utilities.model_trust import KERAS_FILE, ModelError, check_model_file
 from utilities.run.config import ModelConfig
-
-# ImageNet statistics used by DenseNet ("torch" mode): x/255, minus mean, over std, per channel.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @tf_keras.utils.register_keras_serializable(package="dermaid")
@@ -118,40 +116,18 @@ class BalancedAccuracy(tf_keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def densenet_preprocessing(image: tf.Tensor) -> tf.Tensor:
-    """Raw 0..255 pixels → DenseNet input, as built-in layers (no custom objects in saved models)."""
-    scaled = tf_keras.layers.Rescaling(1.0 / 255.0, name="scale_0_1")(image)
-    variance = [s * s for s in _IMAGENET_STD]
-    return tf_keras.layers.Normalization(mean=_IMAGENET_MEAN, variance=variance, name="imagenet_norm")(scaled)
-
-
-def build_backbone(weights: str, image_size: int) -> tf_keras.Model:
-    """DenseNet121 without top, average-pooled (B, 1024). `weights`: imagenet | none | a file path."""
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise ModelError(f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing weights file")
-    source = None if weights == "none" else weights
-    # A weights file (.h5, .keras, checkpoint) is read for its arrays only (`load_weights`): no config in it is
-    # deserialised, so a Lambda in a full model file passed here never runs (tests/test_model_trust.py).
-    try:
-        return tf_keras.applications.DenseNet121(
-            include_top=False, weights=source, input_shape=(image_size, image_size, 3), pooling="avg"
-        )
-    except Exception as exc:  # download failure, wrong file, wrong shapes
-        raise ModelError(f"cannot load DenseNet121 weights {weights!r}: {one_line(exc)}") from exc
-
-
 def build_model(config: ModelConfig, image_size: int) -> tf_keras.Model:
     """The fused classifier; call inside `strategy.scope()`. Output: class probabilities (B, 8)."""
     image = tf_keras.Input((image_size, image_size, 3), name="image")
     metadata = tf_keras.Input((METADATA_SIZE,), name="metadata")
 
-    backbone = build_backbone(config.weights, image_size)
+    backbone = build_backbone(config.backbone, config.weights, image_size)
     backbone.trainable = config.fine_tune
     for layer in backbone.layers:  # bn_momentum 0 (not resolved from the steps per epoch): the backbone's own
         if isinstance(layer, tf_keras.layers.BatchNormalization) and config.bn_momentum:
             layer.momentum = config.bn_momentum
     # A frozen backbone runs in inference mode so its BatchNorm statistics stay fixed.
-    features = backbone(densenet_preprocessing(image), training=None if config.fine_tune else False)
+    features = backbone(preprocess(image, config.backbone), training=None if config.fine_tune else False)
     features = tf_keras.layers.Dropout(config.dropout, name="image_dropout")(features)
     image_logits = tf_keras.layers.Dense(NUM_CLASSES, name="image_logits")(features)
 

@@ -3,9 +3,10 @@ before Keras deserialises anything (TensorFlow's security note: load only models
 
     check_model_file("evil.h5")   # ModelError: model evil.h5 refused: layer 'x' is a Lambda, …
 
-Refused: Lambda layers (marshalled bytecode), TF-op layers that look ops up by name, classes or
-modules outside tf_keras, this job (utilities.model's registered classes) and tfmot's pruning
-wrappers, functions that are not tf_keras built-ins. Read: a .keras zip's config.json, an HDF5
+Refused: Lambda layers (marshalled bytecode), TF-op layers that look ops up by name (but for `+` and
+`tf.math.multiply`, MobileNetV3's arithmetic), classes or modules outside tf_keras, this job (the
+classes registered by utilities.model and utilities.backbones) and tfmot's pruning wrappers,
+functions that are not tf_keras built-ins. Read: a .keras zip's config.json, an HDF5
 file's `model_config`/`training_config` attributes, a SavedModel's keras_metadata.pb.
 `utilities.model.load_model` calls it unless `--trust-model-code`.
 """
@@ -39,6 +40,9 @@ _CODE_CLASSES = frozenset({"Lambda", "__lambda__", "TFOpLambda", "SlicingOpLambd
     "InstanceMethod",
     "InstanceProperty",
 }
+# TF-op layers whose op is plain arithmetic on the tensor and a constant: MobileNetV3's hard-swish
+# (`relu6(x + 3) * (1 / 6)`, `tf_keras.applications`) is built of them. Any other op name is refused.
+_ARITHMETIC_OPS = frozenset(("__operators__.add", "math.multiply"))
 # Plain values inside configs (tuples, shapes, constants, bytes): data, no class or module looked up.
 _VALUE_CLASSES = frozenset(("__tuple__", "__ellipsis__", "TensorShape", "__tensor__", "__numpy__", "__bytes__"))
 _VALUE_CLASSES |= {"CompositeTensor"}  # its "spec" is a TypeSpec entry, checked on its own
@@ -82,6 +86,9 @@ def _refused_class(node: dict[str, Any], layer: str) -> str | None:
     """Why one `{"class_name": …}` entry of a config would run code, or None."""
     classes, modules, functions = _allowed()
     name, module, registered = node.get("class_name"), node.get("module"), node.get("registered_name")
+    inner = node.get("config")
+    if name == "TFOpLambda" and isinstance(inner, dict) and inner.get("function") in _ARITHMETIC_OPS:
+        return None if _module_allowed(module, name, modules) else f"layer {layer!r} is imported from {module!r}"
     if name in _CODE_CLASSES:
         return f"layer {layer!r} is a {name}, whose Python code would run while the model is rebuilt"
     if name in _VALUE_CLASSES:

@@ -140,7 +140,7 @@ def convert(model: tf_keras.Model, mode: str, calibration: tf.data.Dataset | Non
     """The flatbuffer of `model` converted in `mode` (see the module docstring)."""
     converter = converter_for(model, mode, calibration)
     # One opaque call, minutes for DenseNet121 on a CPU: say so before, and how long it took after.
-    log.info("converting %s to TFLite %s (DenseNet121 on a CPU: ~1-2 min)", model.name, mode)
+    log.info("converting %s to TFLite %s (DenseNet121 on a CPU: ~1-2 min; MobileNetV3Small: seconds)", model.name, mode)
     started = time.monotonic()
     try:
         with warnings.catch_warnings():

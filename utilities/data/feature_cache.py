@@ -1,4 +1,4 @@
-"""Frozen-backbone feature cache: run DenseNet121 once per image (per view), then train only the head.
+"""Frozen-backbone feature cache: run the backbone once per image (per view), then train only the head.
 
 With a frozen backbone (the default teacher), the backbone runs in inference mode with fixed weights,
 so its pooled features for a given input image are the same every epoch. Caching them turns an epoch
@@ -24,7 +24,7 @@ augmenting train pipeline, which draws new augmentation seeds on every pass (`da
 seed + v. With K < epochs each augmented image is seen more than once: augmentation diversity traded
 for speed. A resumed run continues the cycle where it stopped (same view, order and batch).
 
-Memory: 4 KiB per image per view (float32 × 1024) plus 144 bytes of metadata and labels, held in
+Memory: 4 KiB per image per view (float32 × 1024, DenseNet121's width) plus 144 bytes of metadata and labels, held in
 host memory; ISIC 2019's ~25k training images × 4 views ≈ 0.4 GB.
 
 Tests: `.venv/bin/python -m pytest tests/test_feature_cache.py -q`.
@@ -39,15 +39,15 @@ import numpy as np
 import tensorflow as tf  # utilities/__init__.py (run first, as our package) selected Keras 2
 import tf_keras
 
+from utilities.backbones import backbone_of
 from utilities.data import pipeline as data
 from utilities.data import records
 from utilities.errors import JobError
+from utilities.model_trust import ModelError
 from utilities.progress import Progress
 from utilities.run.config import Config
 
 MAX_VIEWS = 4  # augmented views cached at most; each costs one inference pass over the train split
-PREPROCESSING_LAYERS = ("scale_0_1", "imagenet_norm")
-BACKBONE_LAYER = "densenet121"
 HEAD_LAYERS = ("image_dropout", "image_logits", "metadata_dense", "metadata_dropout", "metadata_logits", "fusion")
 
 
@@ -75,17 +75,23 @@ def _layer(model: tf_keras.Model, name: str) -> tf_keras.layers.Layer:
         ) from None
 
 
+def _backbone(model: tf_keras.Model) -> tf_keras.Model:
+    try:
+        return backbone_of(model)
+    except ModelError as exc:
+        raise FeatureCacheError(f"{exc}; the cache needs build_model's layout") from None
+
+
 def feature_extractor(model: tf_keras.Model) -> tf_keras.Model:
-    """{"image": (B,S,S,3) 0..255} → pooled backbone features (B, 1024), inference mode, shared layers."""
-    backbone = _layer(model, BACKBONE_LAYER)
-    if backbone.trainable:
+    """{"image": (B,S,S,3) 0..255} → pooled backbone features (B, F), inference mode, shared layers.
+
+    The model's own graph from its image input to what its image head reads: the backbone's preprocessing
+    and the backbone, called in inference mode (build_model's `training=False` for a frozen backbone).
+    """
+    if _backbone(model).trainable:
         raise FeatureCacheError("the backbone is trainable (no --freeze-backbone); cached features would go stale")
-    image = tf_keras.Input(model.input["image"].shape[1:], name="image")
-    x = image
-    for name in PREPROCESSING_LAYERS:
-        x = _layer(model, name)(x)
-    features = backbone(x, training=False)  # BatchNorm with its fixed statistics, as in the full model
-    return tf_keras.Model({"image": image}, features, name="feature_extractor")
+    features = _layer(model, HEAD_LAYERS[0]).input
+    return tf_keras.Model({"image": model.input["image"]}, features, name="feature_extractor")
 
 
 def head_model(model: tf_keras.Model) -> tf_keras.Model:
@@ -96,7 +102,7 @@ def head_model(model: tf_keras.Model) -> tf_keras.Model:
     replicas only for a model built in the scope.
     """
     dropout, image_dense, meta_dense, meta_dropout, meta_logits, fusion = (_layer(model, n) for n in HEAD_LAYERS)
-    width = _layer(model, BACKBONE_LAYER).outputs[0].shape[-1]  # 1024 for DenseNet121
+    width = _backbone(model).outputs[0].shape[-1]  # 1024 for DenseNet121
     features = tf_keras.Input((width,), name="features")
     metadata = tf_keras.Input(model.input["metadata"].shape[1:], name="metadata")
     image_logits = image_dense(dropout(features))

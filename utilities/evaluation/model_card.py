@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from utilities import serving as serving_spec
+from utilities.backbones import display_name
 from utilities.data.schema import CLASS_NAMES, HEADLINE, MALIGNANT_CLASSES
 from utilities.evaluation.analysis import MIN_SUPPORT, largest_gap
 from utilities.evaluation.results import RunMetrics, SplitMetrics
-from utilities.run.config import QUANTIZE_MODES
+from utilities.run.config import DEFAULT_BACKBONE, QUANTIZE_MODES
 
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "model_card.md"
@@ -92,12 +93,14 @@ def model_card(record, metrics: RunMetrics, serving: dict[str, Any] | None) -> d
     tflite = [f"{name}.tflite" for name, v in variants.items() if name.endswith(quantized) and "error" not in v]
     lite = serving_spec.lite_record()
     data = record.data
+    model_config = config.get("model") or {}
     return {
         "model": {
             "name": record.model_name,
             "run_id": record.run_id,
             "uri": record.uri,
-            "architecture": "DenseNet121 image branch + metadata dense branch, fused by learned weights",
+            "architecture": f"{display_name(model_config.get('backbone', DEFAULT_BACKBONE))} image branch + metadata "
+            "dense branch, fused by learned weights",
             "image_size": (config.get("data") or {}).get("image_size"),
             "fusion_weights": record.fusion_weights,
             "git_commit": (record.code or {}).get("git_commit"),
@@ -110,7 +113,7 @@ def model_card(record, metrics: RunMetrics, serving: dict[str, Any] | None) -> d
         },
         "training": {
             **{k: (config.get("train") or {}).get(k) for k in TRAIN_RECIPE},
-            **{k: (config.get("model") or {}).get(k) for k in ("weights", "fine_tune", "fcnn_nodes", "dropout")},
+            **{k: model_config.get(k) for k in ("weights", "fine_tune", "fcnn_nodes", "dropout")},
             **{
                 k: (config.get("data") or {}).get(k) for k in ("augment", "colour_jitter", "cutout", "metadata_dropout")
             },

@@ -26,7 +26,10 @@ from utilities.run.fields import flag, flags, from_env, opt, parse_bool, switch
 QUANTIZE_MODES = ("dynamic", "float16", "int8")
 SCHEDULES = ("cosine", "step", "constant", "plateau")  # --lr-schedule: utilities.run.recipe
 LOSSES = ("crossentropy", "focal")  # --loss
-MIN_IMAGE_SIZE = 32  # DenseNet121 without top rejects smaller inputs
+MIN_IMAGE_SIZE = 32  # every backbone without top rejects smaller inputs
+EFFICIENTNETS = tuple(f"efficientnetb{i}" for i in range(4))
+DEFAULT_BACKBONE = "densenet121"  # the original's; a run.json without `backbone` means it
+BACKBONES = (DEFAULT_BACKBONE, *EFFICIENTNETS, "resnet50", "mobilenetv2", "mobilenetv3small")  # utilities.backbones
 # Where a W&B key can come from: the variable, or the netrc file `wandb login` writes (for this host).
 WANDB_KEY_VARIABLES = ("WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "HOME")
 
@@ -75,7 +78,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(
             self.image_size >= MIN_IMAGE_SIZE,
-            f"--image-size {self.image_size} is below DenseNet121's minimum of {MIN_IMAGE_SIZE}",
+            f"--image-size {self.image_size} is below the backbones' minimum of {MIN_IMAGE_SIZE}",
         )
         _check(self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1")
         _check(0.0 <= self.colour_jitter <= 0.5, "--colour-jitter must be in [0, 0.5]")
@@ -87,21 +90,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    backbone: str = opt(
+        DEFAULT_BACKBONE, "--backbone", choices=BACKBONES, type=str.lower, metavar="NAME", help="image CNN: %(choices)s"
+    )
     weights: str = opt("imagenet", "--weights", help="backbone weights: imagenet, none, or a weights file path")
-    fine_tune: bool = field(  # True: the whole DenseNet121 trains, as the original base model; False: its teacher
+    fine_tune: bool = field(  # True: the whole backbone trains, as the original base model; False: its teacher
         default=True,
         metadata=flags(
             flag(
                 "--freeze-backbone",
                 action="store_const",
                 const=False,
-                help="train only the heads on a frozen DenseNet121 (the original's teacher; allows --cache-features)",
+                help="train only the heads on a frozen backbone (the original's teacher; allows --cache-features)",
             ),
             flag(
                 "--fine-tune",
                 action="store_const",
                 const=True,
-                help="train the whole DenseNet121, as the original base model (the default; kept for older scripts)",
+                help="train the whole backbone, as the original base model (the default; kept for older scripts)",
             ),
             exclusive=True,
         ),
@@ -118,6 +124,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        _check(self.backbone in BACKBONES, f"--backbone must be one of {', '.join(BACKBONES)}")
         _check(self.fcnn_nodes >= 1, "--fcnn-nodes must be at least 1")
         _check(0.0 <= self.bn_momentum < 1.0, "--bn-momentum must be in [0, 1) (0: from the steps per epoch)")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
