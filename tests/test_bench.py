@@ -144,3 +144,17 @@ def test_recipe_bench_builds_the_digits_task_in_the_isic_layout_and_its_floor(tm
         {"tasks": {"digits": {"logistic_regression_test": 0.97, "runs": {"old": [row], "new": [row]}}}}
     )
     assert "logistic regression" in table and "0.900" in table
+
+
+def test_backbones_bench_offers_every_backbone_and_tables_what_a_run_measured():
+    from bench import backbones
+    from utilities.run.config import BACKBONES
+
+    assert backbones.build_parser().parse_args([]).backbones == list(BACKBONES)
+    assert backbones.parameters("mobilenetv3small") < backbones.parameters("densenet121")
+    row = {"test": 0.9, "int8_test": 0.88, "int8_agreement": 0.97, "keras_bytes": 2**20, "int8_bytes": 2**19}
+    row |= {"latency_ms": 5.0, "int8_latency_ms": 0.5, "run_seconds": 60.0}
+    table = backbones.report(
+        {"parameters": {"mobilenetv3small": 950_000}, "tasks": {"demo": {"mobilenetv3small": [row]}}}
+    )
+    assert "| demo | mobilenetv3small | 0.95 | 0.9 | 0.88 | 0.97 | 1 | 0.5 | 5 | 0.5 | 60 |" in table

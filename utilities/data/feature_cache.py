@@ -2,7 +2,8 @@
 
 With a frozen backbone (the default teacher), the backbone runs in inference mode with fixed weights,
 so its pooled features for a given input image are the same every epoch. Caching them turns an epoch
-into a few small Dense layers over (B, 1024) vectors, tens of times faster (`python -m bench.cache`).
+into a few small Dense layers over (B, F) vectors (F: 1024 for DenseNet121, 576 for MobileNetV3Small),
+tens of times faster (`python -m bench.cache`).
 
     from utilities.data import feature_cache
     if config.caches_features:
@@ -95,14 +96,14 @@ def feature_extractor(model: tf_keras.Model) -> tf_keras.Model:
 
 
 def head_model(model: tf_keras.Model) -> tf_keras.Model:
-    """{"features": (B, 1024), "metadata": (B, 28)} → probs (B, 8) through the full model's head layers.
+    """{"features": (B, F), "metadata": (B, 28)} → probs (B, 8) through the full model's head layers.
 
     Creates no variables (every layer is already built), but build and compile it inside
     `strategy.scope()`: a Keras model remembers the strategy it was created under, and `fit` runs
     replicas only for a model built in the scope.
     """
     dropout, image_dense, meta_dense, meta_dropout, meta_logits, fusion = (_layer(model, n) for n in HEAD_LAYERS)
-    width = _backbone(model).outputs[0].shape[-1]  # 1024 for DenseNet121
+    width = _backbone(model).outputs[0].shape[-1]
     features = tf_keras.Input((width,), name="features")
     metadata = tf_keras.Input(model.input["metadata"].shape[1:], name="metadata")
     image_logits = image_dense(dropout(features))
